@@ -1,0 +1,1 @@
+"""Posed multi-view renders -> WebDataset shards -> streaming training batches."""

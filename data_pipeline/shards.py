@@ -1,0 +1,188 @@
+"""Writing shards, their sample indices, and reading samples back from any byte offset.
+
+Shards are plain tar files (see schema.py). Beside each shard ``X.tar`` the writer puts
+``X.tar.idx.json``: the byte offset of every sample's first member. The reader uses it to
+split an epoch at sample granularity (equal batches on every rank, whatever the shard sizes)
+and to resume mid-shard with one ranged read instead of re-reading the shard from the start.
+Shards written by other tools have no index; :func:`load_or_build_index` scans them once.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from typing import Iterator
+
+from data_pipeline import storage
+from data_pipeline.schema import ObjectSample
+
+INDEX_SUFFIX = ".idx.json"
+INDEX_FORMAT = "goembed-shard-index/1"
+# Fixed header fields make shards byte-for-byte deterministic for a given input.
+_TAR_MTIME = 1_700_000_000
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    url: str
+    keys: tuple[str, ...]
+    offsets: tuple[int, ...]  # byte offset of each sample's first tar header
+    num_bytes: int
+    error: str | None = None  # set when a scan stopped early at corrupt or truncated data
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def to_json(self) -> dict:
+        return {"format": INDEX_FORMAT, "num_bytes": self.num_bytes, "keys": list(self.keys), "offsets": list(self.offsets)}
+
+
+class ShardWriter:
+    """Writes ObjectSamples into ``{out}/{prefix}-{000000}.tar`` shards (local or any fsspec URL).
+
+    A shard is closed when it holds ``max_objects`` samples or would exceed ``max_bytes``.
+    Local shards are written under a temporary name and renamed when complete, so a crash never
+    leaves a shard that looks finished; object stores commit an upload only on close.
+    """
+
+    def __init__(self, out: str, prefix: str = "shard", max_objects: int = 1000, max_bytes: int = 1 << 30,
+                 storage_options: dict | None = None):
+        if max_objects < 1:
+            raise ValueError(f"max_objects must be >= 1, got {max_objects}")
+        self.out, self.prefix = out, prefix
+        self.max_objects, self.max_bytes = max_objects, max_bytes
+        self.storage_options = storage_options
+        self.shard_urls: list[str] = []
+        self.num_objects = 0
+        self.num_bytes = 0
+        self._file = self._tar = None
+        self._keys: list[str] = []
+        self._offsets: list[int] = []
+        storage.makedirs(out, storage_options)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def pattern(self) -> str:
+        """A brace pattern naming every shard written so far."""
+        if not self.shard_urls:
+            return ""
+        last = len(self.shard_urls) - 1
+        return storage.join(self.out, f"{self.prefix}-{{{0:06d}..{last:06d}}}.tar") if last else self.shard_urls[0]
+
+    def write(self, sample: ObjectSample) -> None:
+        members = sample.to_members()
+        size = sum(512 + (len(data) + 511) // 512 * 512 for _, data in members)
+        if self._tar is not None and (len(self._keys) >= self.max_objects or (self._keys and self._tar.offset + size > self.max_bytes)):
+            self._close_shard()
+        if self._tar is None:
+            self._open_shard()
+        self._keys.append(sample.key)
+        self._offsets.append(self._tar.offset)
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), _TAR_MTIME, 0o644
+            self._tar.addfile(info, io.BytesIO(data))
+        self.num_objects += 1
+
+    def _open_shard(self) -> None:
+        url = storage.join(self.out, f"{self.prefix}-{len(self.shard_urls):06d}.tar")
+        self._url = url
+        self._write_url = url + ".partial" if storage.is_local(url) else url
+        self._file = storage.open_url(self._write_url, "wb", self.storage_options)
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
+        self._keys, self._offsets = [], []
+
+    def _close_shard(self) -> None:
+        self._tar.close()  # writes the end-of-archive blocks and pads to a full tar record
+        num_bytes = self._file.tell()
+        self._file.close()
+        if self._write_url != self._url:
+            storage.rename(self._write_url, self._url, self.storage_options)
+        index = ShardIndex(self._url, tuple(self._keys), tuple(self._offsets), num_bytes)
+        write_index(index, self.storage_options)
+        self.shard_urls.append(self._url)
+        self.num_bytes += num_bytes
+        self._file = self._tar = None
+
+    def close(self) -> list[str]:
+        if self._tar is not None:
+            self._close_shard()
+        return self.shard_urls
+
+
+def write_index(index: ShardIndex, storage_options: dict | None = None) -> None:
+    with storage.open_url(index.url + INDEX_SUFFIX, "wb", storage_options) as f:
+        f.write(json.dumps(index.to_json()).encode("utf-8"))
+
+
+def _group_key(name: str) -> tuple[str, str]:
+    """webdataset's rule: the key is everything before the first dot of the basename."""
+    directory, base = os.path.split(name)
+    key, _, suffix = base.partition(".")
+    return os.path.join(directory, key) if directory else key, suffix.lower()
+
+
+def iter_tar_groups(fileobj, start_offset: int = 0) -> Iterator[tuple[str, int, dict[str, bytes]]]:
+    """Yield (key, offset, {suffix: bytes}) for consecutive sample groups, from a byte offset.
+
+    Truncated or corrupt tar data raises ``tarfile.TarError`` / ``EOFError`` / ``OSError`` from
+    the point where it is found; groups before it are yielded normally.
+    """
+    if start_offset:
+        fileobj.seek(start_offset)
+    tar = tarfile.open(fileobj=fileobj, mode="r|")
+    key, offset, members = None, 0, {}
+    for info in tar:
+        if not info.isfile():
+            continue
+        member_key, suffix = _group_key(info.name)
+        data = tar.extractfile(info).read()
+        if len(data) != info.size:
+            raise EOFError(f"member {info.name} is truncated ({len(data)} of {info.size} bytes)")
+        if member_key != key:
+            if key is not None:
+                yield key, offset, members
+            key, offset, members = member_key, start_offset + info.offset, {}
+        members[suffix] = data
+    if key is not None:
+        yield key, offset, members
+
+
+def scan_index(url: str, storage_options: dict | None = None) -> ShardIndex:
+    """Build a shard's index by reading it through once (for shards written by other tools)."""
+    keys, offsets, error = [], [], None
+    fs, path = storage.filesystem(url, storage_options)
+    with fs.open(path, "rb") as f:
+        try:
+            for key, offset, _ in iter_tar_groups(f):
+                keys.append(key)
+                offsets.append(offset)
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            # The last group may be incomplete: it is where the damage starts.
+            keys, offsets = keys[:-1], offsets[:-1]
+    return ShardIndex(url, tuple(keys), tuple(offsets), fs.size(path), error)
+
+
+def read_index(url: str, storage_options: dict | None = None) -> ShardIndex | None:
+    """The shard's saved index, or None when it has none."""
+    try:
+        with storage.open_url(url + INDEX_SUFFIX, "rb", storage_options) as f:
+            raw = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        return None
+    if raw.get("format") != INDEX_FORMAT or len(raw["keys"]) != len(raw["offsets"]):
+        raise ValueError(f"{url}{INDEX_SUFFIX}: not a valid shard index (format {raw.get('format')!r})")
+    return ShardIndex(url, tuple(raw["keys"]), tuple(int(o) for o in raw["offsets"]), int(raw["num_bytes"]))
+
+
+def load_or_build_index(url: str, storage_options: dict | None = None) -> ShardIndex:
+    index = read_index(url, storage_options)
+    return index if index is not None else scan_index(url, storage_options)

@@ -1,0 +1,1 @@
+"""Launchers: local, SLURM, Ray (built in later issues)."""

@@ -1,0 +1,1 @@
+"""Model library: representations, renderer, GOEmbed, denoiser, diffusion (see DESIGN.md §1)."""

@@ -1,0 +1,1 @@
+"""DeepSpeed trainer (built in a later issue)."""
