@@ -137,20 +137,29 @@ def iter_tar_groups(fileobj, start_offset: int = 0) -> Iterator[tuple[str, int, 
     """
     if start_offset:
         fileobj.seek(start_offset)
-    tar = tarfile.open(fileobj=fileobj, mode="r|")
     key, offset, members = None, 0, {}
-    for info in tar:
-        if not info.isfile():
-            continue
-        member_key, suffix = _group_key(info.name)
-        data = tar.extractfile(info).read()
-        if len(data) != info.size:
-            raise EOFError(f"member {info.name} is truncated ({len(data)} of {info.size} bytes)")
-        if member_key != key:
-            if key is not None:
-                yield key, offset, members
-            key, offset, members = member_key, start_offset + info.offset, {}
-        members[suffix] = data
+    try:
+        tar = tarfile.open(fileobj=fileobj, mode="r|")
+        for info in tar:
+            if not info.isfile():
+                continue
+            member_key, suffix = _group_key(info.name)
+            if member_key != key:
+                # Hand out the finished group before reading on, so damage further along the
+                # shard cannot take it down too.
+                if key is not None:
+                    yield key, offset, members
+                key, offset, members = member_key, start_offset + info.offset, {}
+            data = tar.extractfile(info).read()
+            if len(data) != info.size:
+                raise EOFError(f"member {info.name} is truncated ({len(data)} of {info.size} bytes)")
+            members[suffix] = data
+    except (tarfile.TarError, EOFError, OSError):
+        # The group being read may be incomplete; it is still handed out (the schema check finds
+        # missing views), unless it has no member at all.
+        if key is not None and members:
+            yield key, offset, members
+        raise
     if key is not None:
         yield key, offset, members
 
