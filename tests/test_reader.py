@@ -280,3 +280,43 @@ def test_s3_wrong_credentials_give_a_clear_error(s3_server, s3_bucket):
     with pytest.raises(RuntimeError, match="denied") as error:
         StreamingReader(ReaderConfig(pattern, batch_size=1, storage_options=bad))
     assert "not-the-secret" not in str(error.value)
+
+
+DDP_SCRIPT = r"""
+import json, os, sys
+import torch, torch.distributed as dist
+from data_pipeline.reader import ReaderConfig, StreamingReader
+from tests.test_reader import ids_of
+dist.init_process_group("gloo")
+reader = StreamingReader(ReaderConfig(sys.argv[1], batch_size=2, target_views=1, num_workers=2, drop_last=False))
+ids, steps = [], 0
+for batch in reader:
+    # A collective per step, as a training step does: uneven batch counts would hang here.
+    total = torch.tensor([float(batch.target_images.sum())])
+    dist.all_reduce(total)
+    ids += ids_of(batch)
+    steps += 1
+everyone = [None] * dist.get_world_size()
+dist.all_gather_object(everyone, (steps, ids))
+if dist.get_rank() == 0:
+    print(json.dumps(everyone))
+dist.destroy_process_group()
+"""
+
+
+def test_two_real_gloo_ranks_with_uneven_shards_do_not_hang(tmp_path):
+    pattern = write_toy_shards(str(tmp_path), [1, 12, 2, 5])  # 20 objects, very uneven shards
+    root = os.path.dirname(os.path.dirname(__file__))
+    port = 29500 + os.getpid() % 1000
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-c", DDP_SCRIPT, pattern], env=env, cwd=root,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=180) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err
+    (steps0, ids0), (steps1, ids1) = json.loads(outputs[0][0])
+    assert steps0 == steps1 > 0
+    assert set(ids0) | set(ids1) == set(range(20))
