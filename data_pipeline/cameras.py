@@ -116,3 +116,29 @@ def check_camera(K: np.ndarray, c2w: np.ndarray, where: str, tol: float = 1e-4) 
         raise CameraError(f"{where}.c2w: rotation determinant must be +1, got {det:.6f}")
     if not np.allclose(c2w[3], [0.0, 0.0, 0.0, 1.0]):
         raise CameraError(f"{where}.c2w: last row must be [0, 0, 0, 1]")
+
+
+def check_cameras(K: np.ndarray, c2w: np.ndarray, where: str, tol: float = 1e-4) -> None:
+    """:func:`check_camera` for a stack of views (V, 3, 3) and (V, 4, 4), vectorised.
+
+    The fast path checks every view at once; only when something is wrong does it fall back to
+    the per-view check, for a message that names the view and the field.
+    """
+    K = np.asarray(K, dtype=np.float64)
+    c2w = np.asarray(c2w, dtype=np.float64)
+    if K.ndim == 3 and c2w.ndim == 3 and K.shape[1:] == (3, 3) and c2w.shape[1:] == (4, 4) and len(K) == len(c2w):
+        R = c2w[:, :3, :3]
+        gram_error = np.abs(np.einsum("vji,vjk->vik", R, R) - np.eye(3)).max(initial=0.0)
+        ok = (
+            np.isfinite(K).all() and np.isfinite(c2w).all()
+            and (K[:, 0, 0] > 0).all() and (K[:, 1, 1] > 0).all() and (K[:, 0, 2] > 0).all() and (K[:, 1, 2] > 0).all()
+            and np.allclose(K[:, 2], [0.0, 0.0, 1.0]) and (K[:, 1, 0] == 0.0).all()
+            and gram_error <= tol and (np.abs(np.linalg.det(R) - 1.0) <= tol).all()
+            and np.allclose(c2w[:, 3], [0.0, 0.0, 0.0, 1.0])
+        )
+        if ok:
+            return
+    for i in range(max(len(K), len(c2w))):
+        check_camera(K[i], c2w[i], where=f"{where}[{i}]", tol=tol)
+    raise CameraError(f"{where}: intrinsics and extrinsics must be stacks of 3x3 and 4x4 of equal length, "
+                      f"got {K.shape} and {c2w.shape}")

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from data_pipeline.cameras import CameraError, check_camera
+from data_pipeline.cameras import CameraError, check_cameras as check_camera_stack
 
 SCHEMA_VERSION = 1
 IMAGE_FORMATS = ("png", "jpg", "webp")
@@ -147,11 +147,10 @@ def parse_sample(key: str, members: dict[str, bytes], check_cameras: bool = True
     except (KeyError, TypeError, ValueError) as error:
         raise SampleError(f"sample {key!r}: malformed {META_SUFFIX} field ({type(error).__name__}: {error})") from None
     if check_cameras:
-        for i in range(len(views)):
-            try:
-                check_camera(intrinsics[i], c2w[i], where=f"sample {key!r} views[{i}]")
-            except CameraError as error:
-                raise SampleError(str(error)) from None
+        try:
+            check_camera_stack(intrinsics, c2w, where=f"sample {key!r} views")
+        except CameraError as error:
+            raise SampleError(str(error)) from None
     images = []
     for name in names:
         if name not in members:

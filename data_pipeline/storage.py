@@ -24,6 +24,7 @@ _SECRET_WORDS = ("secret", "password", "token", "key", "credential")
 # One filesystem per (process, protocol, options): s3fs objects must not cross a fork (their
 # aiohttp loop belongs to the parent), so the cache is keyed by pid.
 _FILESYSTEMS: dict[tuple, Any] = {}
+_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 
 
 def protocol_of(url: str) -> str:
@@ -56,7 +57,10 @@ def filesystem(url: str, storage_options: dict | None = None):
     """(fsspec filesystem, path inside it) for a URL, cached per process."""
     options = {**default_storage_options(url), **(storage_options or {})}
     protocol = protocol_of(url)
-    cache_key = (os.getpid(), protocol, repr(sorted(options.items())))
+    # credentials that botocore reads from the environment are part of the key too, so that a
+    # changed AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY is not answered with a stale filesystem
+    env_creds = hash(tuple(os.environ.get(k) for k in _CREDENTIAL_ENV)) if protocol in ("s3", "s3a") else None
+    cache_key = (os.getpid(), protocol, repr(sorted(options.items())), env_creds)
     fs = _FILESYSTEMS.get(cache_key)
     if fs is None:
         fs = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
@@ -155,7 +159,11 @@ def explain_storage_error(url: str, error: BaseException) -> str:
 
 def register_webdataset_s3() -> None:
     """Let plain ``webdataset.WebDataset('s3://...')`` open shards through fsspec/s3fs."""
-    import webdataset.gopen as gopen
+    import importlib
+
+    # not `import webdataset.gopen as gopen`: webdataset re-exports the *function* gopen under
+    # that name, so the import statement binds the function, not the module
+    gopen = importlib.import_module("webdataset.gopen")
 
     def gopen_fsspec(url, mode="rb", bufsize=8192, **kw):
         return open_url(url, mode)
