@@ -1,0 +1,632 @@
+"""Ingest existing render folders (NeRF-synthetic / Blender format) into WebDataset shards.
+
+Usage::
+
+    python -m data_pipeline.ingest SRC_DIR... --format nerf-synthetic --out DIR_OR_URL \\
+        [--resolution R] [--maxcount N] [--maxsize BYTES] [--workers W] [--background r,g,b] \\
+        [--prefix shard] [--image-format png|jpg|webp] [--scale S] [--category NAME]
+
+One object is one folder holding one or more ``transforms*.json`` files (``transforms.json`` or
+``transforms_train/val/test.json``; the frames of all of them are the object's views), as
+OmniObject3D releases its renders. A SRC_DIR is either such a folder or a folder of them (found
+recursively; the object id is then the folder's path relative to SRC_DIR).
+
+Each view is composited on the background colour (RGBA renders), optionally resized, and its
+camera is converted once, here, from Blender/OpenGL to the OpenCV convention used everywhere
+else (see cameras.py). A broken object (missing image, malformed JSON, bad matrix or camera) is
+reported with the file at fault and skipped; the rest of the run goes on.
+
+Exit status: 0 when every object was written, 1 when some were skipped (or nothing could be
+written), 2 on usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import multiprocessing
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from data_pipeline import storage
+from data_pipeline.cameras import CameraError, blender_to_opencv_c2w, check_camera, intrinsics_from_fov, scale_intrinsics
+from data_pipeline.schema import IMAGE_FORMATS, ObjectSample, SampleError, encode_image, object_key
+from data_pipeline.shards import ShardWriter
+
+SOURCE_NAME = "nerf-synthetic"
+FORMATS = ("nerf-synthetic",)
+# NeRF-synthetic often writes file_path without an extension ("./train/r_0"): try these in order.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+_TRANSFORMS_RE = re.compile(r"^transforms(?:_(?P<split>[A-Za-z0-9_\-]+))?\.json$")
+# transforms.json first, then the usual splits in their usual order, then anything else by name.
+_SPLIT_RANK = {"": 0, "train": 1, "val": 2, "test": 3}
+# Camera fields that may sit at the top level of a transforms file or inside each frame.
+_CAMERA_FIELDS = ("camera_angle_x", "camera_angle_y", "fl_x", "fl_y", "cx", "cy", "w", "h")
+_DISTORTION_FIELDS = ("k1", "k2", "k3", "k4", "p1", "p2")
+# Lanczos is antialiased when downscaling in PIL (its support grows with the reduction factor).
+_RESAMPLE = Image.Resampling.LANCZOS
+_NAMED_BACKGROUNDS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0), "gray": (0.5, 0.5, 0.5), "grey": (0.5, 0.5, 0.5)}
+
+
+class IngestError(ValueError):
+    """An object that cannot be ingested; the message starts with the file at fault."""
+
+
+class SourceError(FileNotFoundError):
+    """A SRC_DIR that does not exist or holds no object: a usage error, not a bad object."""
+
+
+@dataclass(frozen=True)
+class ObjectSource:
+    """One object to ingest: its id (becomes the sample key) and its folder."""
+
+    object_id: str
+    folder: str
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    """How every object of a run is converted (picklable: it travels to the worker processes)."""
+
+    resolution: int | None = None  # output width; None keeps the original size
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    image_format: str = "png"
+    scale: float = 1.0
+    scale_reason: str = "default: no normalisation (--scale not given)"
+    category: str | None = None
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One view as the transforms file describes it, before its image is read."""
+
+    where: str  # "PATH frames[i]", for messages
+    split: str  # "" for transforms.json, else the suffix of transforms_<split>.json
+    image_path: str
+    c2w_blender: np.ndarray
+    camera: dict  # the camera fields in force for this frame (top level overridden per frame)
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    source: ObjectSource
+    sample: ObjectSample | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class SkippedObject:
+    object_id: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"skipped {self.object_id}: {self.reason}"
+
+
+@dataclass
+class IngestSummary:
+    objects_found: int = 0
+    objects_written: int = 0
+    views_written: int = 0
+    shards: list[str] = field(default_factory=list)
+    num_bytes: int = 0
+    pattern: str = ""
+    skipped: list[SkippedObject] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.objects_written > 0 and not self.skipped else 1
+
+    def format(self) -> str:
+        lines = [
+            f"ingest: wrote {self.objects_written} of {self.objects_found} objects ({self.views_written} views) "
+            f"into {len(self.shards)} shards, {self.num_bytes} bytes",
+            f"shards: {self.pattern or '(none)'}",
+        ]
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} objects (exit status 1):")
+            lines += [f"  {s.object_id}: {s.reason}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- finding objects
+
+
+def transforms_files(folder: str) -> list[tuple[str, str]]:
+    """(split, path) of every transforms*.json in ``folder``, in view order."""
+    found = []
+    for name in os.listdir(folder):
+        match = _TRANSFORMS_RE.match(name)
+        if match and os.path.isfile(os.path.join(folder, name)):
+            split = match.group("split") or ""
+            found.append((split, os.path.join(folder, name)))
+    return sorted(found, key=lambda item: (_SPLIT_RANK.get(item[0], len(_SPLIT_RANK)), item[0]))
+
+
+def find_objects(root: str) -> list[ObjectSource]:
+    """The objects under ``root``: root itself when it holds transforms*.json, else every folder
+    below it that does (not looking inside an object folder), sorted by relative path."""
+    root = os.path.normpath(root)
+    if not os.path.isdir(root):
+        raise SourceError(f"{root}: not a directory")
+    if transforms_files(root):
+        return [ObjectSource(os.path.basename(os.path.abspath(root)), root)]
+    found: list[ObjectSource] = []
+    seen: set[str] = set()  # real paths, so that symlink loops end
+    for folder, dirs, _ in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        if folder != root and transforms_files(folder):
+            found.append(ObjectSource(os.path.relpath(folder, root).replace(os.sep, "/"), folder))
+            dirs[:] = []  # an object's subfolders hold its images, not more objects
+    return sorted(found, key=lambda s: s.object_id.split("/"))
+
+
+# --------------------------------------------------------------------------- one object
+
+
+def read_transforms(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            doc = json.loads(f.read().decode("utf-8"))
+    except json.JSONDecodeError as error:
+        raise IngestError(f"{path}: malformed JSON ({error})") from None
+    except UnicodeDecodeError as error:
+        raise IngestError(f"{path}: not UTF-8 text ({error})") from None
+    except OSError as error:
+        raise IngestError(f"{path}: cannot read ({error.strerror or error})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("frames"), list):
+        raise IngestError(f"{path}: expected a JSON object with a 'frames' list")
+    return doc
+
+
+def _camera_fields(values: dict, where: str) -> dict:
+    """The camera fields present in ``values``, as floats; rejects lens distortion."""
+    fields = {}
+    for name in _CAMERA_FIELDS:
+        if values.get(name) is None:
+            continue
+        try:
+            fields[name] = float(values[name])
+        except (TypeError, ValueError):
+            raise IngestError(f"{where}: {name} must be a number, got {values[name]!r}") from None
+    distortion = [name for name in _DISTORTION_FIELDS if values.get(name) not in (None, 0, 0.0)]
+    if distortion:
+        # Pinhole only: silently dropping distortion would make the cameras quietly wrong.
+        raise IngestError(f"{where}: lens distortion ({', '.join(distortion)}) is not supported")
+    return fields
+
+
+def parse_matrix(value, where: str) -> np.ndarray:
+    try:
+        matrix = np.array(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise IngestError(f"{where}.transform_matrix must be a 4x4 matrix of numbers") from None
+    if matrix.shape != (4, 4):
+        raise IngestError(f"{where}.transform_matrix must be 4x4, got shape {matrix.shape}")
+    return matrix
+
+
+def resolve_image_path(base_dir: str, file_path: str, where: str) -> str:
+    """The image a frame's file_path names: as written, else with each known extension added."""
+    path = os.path.normpath(os.path.join(base_dir, file_path))
+    candidates = [path] + [path + ext for ext in IMAGE_EXTENSIONS]
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return candidate
+    tried = "|".join(IMAGE_EXTENSIONS)
+    raise IngestError(f"{path}: image not found (also tried {tried}; named by {where}.file_path)")
+
+
+def frames_of(split: str, path: str, doc: dict) -> list[Frame]:
+    top = _camera_fields(doc, path)
+    base_dir = os.path.dirname(path)
+    frames = []
+    for i, entry in enumerate(doc["frames"]):
+        where = f"{path} frames[{i}]"
+        if not isinstance(entry, dict):
+            raise IngestError(f"{where}: expected an object, got {type(entry).__name__}")
+        file_path = entry.get("file_path")
+        if not isinstance(file_path, str) or not file_path:
+            raise IngestError(f"{where}: missing file_path")
+        if "transform_matrix" not in entry:
+            raise IngestError(f"{where}: missing transform_matrix")
+        camera = {**top, **_camera_fields(entry, where)}
+        c2w = parse_matrix(entry["transform_matrix"], where)
+        frames.append(Frame(where, split, resolve_image_path(base_dir, file_path, where), c2w, camera))
+    return frames
+
+
+def load_rgb(path: str, background: tuple[float, float, float]) -> np.ndarray:
+    """(H, W, 3) uint8: RGBA composited on ``background``, RGB as it is."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+            image = image.convert("RGBA" if has_alpha else "RGB")
+    except Exception as error:  # PIL raises many types for broken files
+        raise IngestError(f"{path}: cannot read image ({type(error).__name__}: {error})") from None
+    if not has_alpha:
+        return np.asarray(image, dtype=np.uint8).copy()
+    rgba = np.asarray(image, dtype=np.float64) / 255.0
+    alpha = rgba[..., 3:4]
+    # Straight (non-premultiplied) alpha, composited in the stored sRGB values, as NeRF code does.
+    rgb = rgba[..., :3] * alpha + np.asarray(background, dtype=np.float64) * (1.0 - alpha)
+    return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
+
+
+def output_size(width: int, height: int, resolution: int | None) -> tuple[int, int]:
+    """Width becomes ``resolution``; height keeps the aspect ratio."""
+    if resolution is None or resolution == width:
+        return width, height
+    return resolution, max(1, int(round(height * resolution / width)))
+
+
+def resize_rgb(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
+    if rgb.shape[:2] == (height, width):
+        return rgb
+    # Resize after compositing: resizing straight-alpha RGBA would bleed the (arbitrary) colour
+    # of transparent pixels into the silhouette's edge.
+    return np.asarray(Image.fromarray(rgb, mode="RGB").resize((width, height), _RESAMPLE), dtype=np.uint8)
+
+
+def frame_intrinsics(camera: dict, width: int, height: int, where: str) -> np.ndarray:
+    """K on the image's own pixel grid (width x height).
+
+    fl_x/fl_y/cx/cy are in pixels of the grid the file declares (w, h; default: the image's
+    size), with the pixel-centre-at-+0.5 convention of cameras.py, so cx = w/2 is centred.
+    Without fl_x the focal length comes from camera_angle_x (and camera_angle_y if given).
+    """
+    grid_w, grid_h = camera.get("w", float(width)), camera.get("h", float(height))
+    if grid_w <= 0 or grid_h <= 0:
+        raise IngestError(f"{where}: w and h must be positive, got {grid_w} x {grid_h}")
+    try:
+        if "fl_x" in camera or "fl_y" in camera:
+            fx = camera.get("fl_x", camera.get("fl_y"))
+            fy = camera.get("fl_y", fx)
+            K = np.array([[fx, 0.0, grid_w / 2.0], [0.0, fy, grid_h / 2.0], [0.0, 0.0, 1.0]])
+        elif "camera_angle_x" in camera:
+            K = intrinsics_from_fov(grid_w, grid_h, camera["camera_angle_x"], camera.get("camera_angle_y"))
+        else:
+            raise IngestError(f"{where}: neither camera_angle_x nor fl_x is given")
+    except CameraError as error:
+        raise IngestError(f"{where}: {error}") from None
+    if "cx" in camera:
+        K[0, 2] = camera["cx"]
+    if "cy" in camera:
+        K[1, 2] = camera["cy"]
+    sx, sy = width / grid_w, height / grid_h
+    if abs(sx - sy) > 0.01 * sx:
+        raise IngestError(f"{where}: declared size {grid_w:g}x{grid_h:g} and image size {width}x{height} have different aspect ratios")
+    return K if (sx, sy) == (1.0, 1.0) else scale_intrinsics(K, sx, sy)
+
+
+def load_nerf_synthetic_object(
+    folder: str,
+    resolution: int | None = None,
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    image_format: str = "png",
+    scale: float = 1.0,
+    category: str | None = None,
+    object_id: str | None = None,
+    scale_reason: str | None = None,
+) -> ObjectSample:
+    """Read one NeRF-synthetic object folder into an :class:`ObjectSample` (OpenCV cameras).
+
+    Raises :class:`IngestError` whose message starts with the file at fault.
+    """
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
+    object_id = object_id or os.path.basename(os.path.abspath(folder))
+    files = transforms_files(folder)
+    if not files:
+        raise IngestError(f"{folder}: no transforms*.json in this folder")
+    frames: list[Frame] = []
+    seen_images: set[str] = set()
+    duplicates = 0
+    for split, path in files:
+        for frame in frames_of(split, path, read_transforms(path)):
+            # transforms.json beside split files often repeats their frames: keep each image once.
+            if frame.image_path in seen_images:
+                duplicates += 1
+                continue
+            seen_images.add(frame.image_path)
+            frames.append(frame)
+    if not frames:
+        raise IngestError(f"{files[0][1]}: no frames")
+
+    images, Ks, c2ws = [], [], []
+    first_size: tuple[int, int] | None = None
+    out_size: tuple[int, int] = (0, 0)
+    for frame in frames:
+        rgb = load_rgb(frame.image_path, background)
+        height, width = rgb.shape[:2]
+        if first_size is None:
+            first_size = (width, height)
+            out_size = output_size(width, height, resolution)
+        elif (width, height) != first_size:
+            raise IngestError(f"{frame.image_path}: size {width}x{height} differs from the object's first view ({first_size[0]}x{first_size[1]})")
+        K = frame_intrinsics(frame.camera, width, height, frame.where)
+        K = scale_intrinsics(K, out_size[0] / width, out_size[1] / height) if out_size != (width, height) else K
+        c2w = blender_to_opencv_c2w(frame.c2w_blender)
+        c2w[:3, 3] *= scale
+        try:
+            check_camera(K, c2w, where=frame.where)
+        except CameraError as error:
+            raise IngestError(str(error)) from None
+        images.append(encode_image(resize_rgb(rgb, *out_size), image_format))
+        Ks.append(K)
+        c2ws.append(c2w)
+
+    extra = {
+        "scale_reason": scale_reason or ("given (--scale)" if scale != 1.0 else IngestOptions().scale_reason),
+        "original_width": first_size[0],
+        "original_height": first_size[1],
+        "resample": "lanczos" if out_size != first_size else "none",
+        "transforms_files": [os.path.basename(path) for _, path in files],
+        "view_splits": [frame.split for frame in frames],
+    }
+    if duplicates:
+        extra["duplicate_frames_dropped"] = duplicates
+    return ObjectSample(
+        object_id=object_id,
+        images=images,
+        intrinsics=np.stack(Ks),
+        c2w=np.stack(c2ws),
+        width=out_size[0],
+        height=out_size[1],
+        image_format=image_format,
+        source=SOURCE_NAME,
+        category=category,
+        scale=float(scale),
+        background=tuple(float(c) for c in background),
+        extra=extra,
+    )
+
+
+def _load_worker(task: tuple[ObjectSource, IngestOptions]) -> LoadResult:
+    """Runs in a pool worker: never raises, so one bad object cannot stop the run."""
+    source, options = task
+    try:
+        sample = load_nerf_synthetic_object(
+            source.folder,
+            resolution=options.resolution,
+            background=options.background,
+            image_format=options.image_format,
+            scale=options.scale,
+            category=options.category,
+            object_id=source.object_id,
+            scale_reason=options.scale_reason,
+        )
+        return LoadResult(source, sample, None)
+    except (IngestError, SampleError) as error:
+        return LoadResult(source, None, str(error))
+    except Exception as error:  # an unexpected failure still names the object, and the run goes on
+        return LoadResult(source, None, f"{source.folder}: {type(error).__name__}: {error}")
+
+
+# --------------------------------------------------------------------------- a whole run
+
+
+def collect_sources(roots: Iterable[str]) -> list[ObjectSource]:
+    sources: list[ObjectSource] = []
+    for root in roots:
+        found = find_objects(root)
+        if not found:
+            raise SourceError(f"{root}: no folder with a transforms*.json below it")
+        sources.extend(found)
+    return sources
+
+
+def _split_duplicate_keys(sources: list[ObjectSource]) -> tuple[list[ObjectSource], list[SkippedObject]]:
+    """Two objects whose ids map to the same sample key would be indistinguishable in a shard."""
+    owner: dict[str, str] = {}
+    unique, skipped = [], []
+    for source in sources:
+        key = object_key(source.object_id)
+        if key in owner:
+            skipped.append(SkippedObject(source.object_id, f"{source.folder}: sample key {key!r} is already used by object {owner[key]!r}"))
+        else:
+            owner[key] = source.object_id
+            unique.append(source)
+    return unique, skipped
+
+
+def _load_all(tasks: list[tuple[ObjectSource, IngestOptions]], workers: int) -> Iterator[LoadResult]:
+    if workers <= 1 or len(tasks) <= 1:
+        yield from map(_load_worker, tasks)
+        return
+    # spawn, not fork: the parent may already hold threads (s3fs's event loop, a writer's
+    # filesystem) whose locks a forked child would inherit in an undefined state.
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
+        # imap (not imap_unordered): results arrive in input order, so shards are deterministic.
+        yield from pool.imap(_load_worker, tasks, chunksize=1)
+
+
+def ingest(
+    sources: list[str],
+    out: str,
+    resolution: int | None = None,
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    image_format: str = "png",
+    scale: float = 1.0,
+    category: str | None = None,
+    max_objects: int = 100,
+    max_bytes: int = 1 << 30,
+    workers: int = 1,
+    prefix: str = "shard",
+    storage_options: dict | None = None,
+    progress: bool = False,
+    log=None,
+) -> IngestSummary:
+    """Ingest NeRF-synthetic object folders (or folders of them) into shards at ``out``.
+
+    Raises :class:`SourceError` when a source does not exist or holds no object; bad objects are
+    skipped and listed in the summary. ``log`` receives one line per skipped object.
+    """
+    if resolution is not None and resolution < 1:
+        raise ValueError(f"resolution must be >= 1, got {resolution}")
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"scale must be a positive number, got {scale}")
+    options = IngestOptions(
+        resolution=resolution,
+        background=tuple(float(c) for c in background),
+        image_format=image_format,
+        scale=float(scale),
+        scale_reason="given (--scale)" if scale != 1.0 else IngestOptions.scale_reason,
+        category=category,
+    )
+    found = collect_sources(sources)
+    unique, skipped = _split_duplicate_keys(found)
+    summary = IngestSummary(objects_found=len(found), skipped=list(skipped))
+    log = log or (lambda line: tqdm.write(line, file=sys.stderr))
+    for item in skipped:
+        log(str(item))
+
+    writer = ShardWriter(out, prefix=prefix, max_objects=max_objects, max_bytes=max_bytes, storage_options=storage_options)
+    bar = tqdm(total=len(unique), desc="ingest", unit="obj", disable=not progress, file=sys.stderr)
+    try:
+        for result in _load_all([(source, options) for source in unique], workers):
+            bar.update(1)
+            if result.sample is None:
+                item = SkippedObject(result.source.object_id, result.error or "unknown error")
+                summary.skipped.append(item)
+                log(str(item))
+                continue
+            writer.write(result.sample)
+            summary.objects_written += 1
+            summary.views_written += result.sample.num_views
+    except BaseException:
+        # Keep what was written (every closed shard holds whole samples), but let the original
+        # error through rather than one that closing a broken output might raise.
+        with contextlib.suppress(Exception):
+            writer.close()
+        raise
+    finally:
+        bar.close()
+    writer.close()
+    summary.shards = list(writer.shard_urls)
+    summary.num_bytes = writer.num_bytes
+    summary.pattern = writer.pattern()
+    return summary
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def parse_background(text: str) -> tuple[float, float, float]:
+    if text.strip().lower() in _NAMED_BACKGROUNDS:
+        return _NAMED_BACKGROUNDS[text.strip().lower()]
+    parts = text.split(",")
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected r,g,b numbers in [0, 1] or a name ({', '.join(_NAMED_BACKGROUNDS)}), got {text!r}") from None
+    if len(values) != 3 or not all(0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected three numbers in [0, 1] (e.g. 1,1,1 for white), got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def parse_size(text: str) -> int:
+    """Bytes, with an optional K/M/G/T suffix (powers of 1024): 1073741824, 1G, 512MiB."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a size such as 1073741824, 512M or 1G, got {text!r}")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    value = int(number * 1024 ** " KMGT".index(unit or " "))
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_pipeline.ingest",
+        description="Pack NeRF-synthetic/Blender render folders into WebDataset shards (one sample per object, OpenCV cameras).",
+    )
+    parser.add_argument("sources", nargs="+", metavar="SRC_DIR", help="an object folder (with transforms*.json) or a folder of them")
+    parser.add_argument("--format", default="nerf-synthetic", choices=FORMATS, help="input layout (default: nerf-synthetic)")
+    parser.add_argument("--out", required=True, help="output folder or URL (s3://bucket/prefix, file://..., any fsspec URL)")
+    parser.add_argument("--resolution", type=_positive_int, default=None, help="output width in pixels; height keeps the aspect ratio")
+    parser.add_argument("--maxcount", type=_positive_int, default=100, help="objects per shard (default 100)")
+    parser.add_argument("--maxsize", type=parse_size, default=1 << 30, help="bytes per shard, e.g. 1G (default 1 GiB)")
+    parser.add_argument("--workers", type=_positive_int, default=1, help="parallel reader processes (default 1)")
+    parser.add_argument("--background", type=parse_background, default=(1.0, 1.0, 1.0), help="r,g,b in [0,1] for transparent pixels (default 1,1,1: white)")
+    parser.add_argument("--prefix", default="shard", help="shard file name prefix (default: shard)")
+    parser.add_argument("--image-format", default="png", choices=IMAGE_FORMATS, help="encoding of the stored views (default png, lossless)")
+    parser.add_argument("--scale", type=_positive_float, default=1.0, help="multiply camera translations by S (default 1.0)")
+    parser.add_argument("--category", default=None, help="category to record for every object (default: none)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", args.prefix):
+        parser.error(f"--prefix must be letters, digits, '_' or '-' (no dots: webdataset splits names at dots), got {args.prefix!r}")
+    for source in args.sources:
+        if not os.path.isdir(source):
+            parser.error(f"{source}: not a directory")
+    try:
+        summary = ingest(
+            args.sources,
+            args.out,
+            resolution=args.resolution,
+            background=args.background,
+            image_format=args.image_format,
+            scale=args.scale,
+            category=args.category,
+            max_objects=args.maxcount,
+            max_bytes=args.maxsize,
+            workers=args.workers,
+            prefix=args.prefix,
+            progress=not args.no_progress,
+        )
+    except SourceError as error:
+        parser.error(str(error))
+    except OSError as error:  # the output could not be written: say where and why, without secrets
+        print(f"error: {storage.explain_storage_error(args.out, error)}", file=sys.stderr)
+        return 1
+    print(summary.format())
+    return summary.exit_code
+
+
+if __name__ == "__main__":
+    # Run through the package module so worker processes and pickles see one copy of its classes.
+    from data_pipeline.ingest import main as _main
+
+    sys.exit(_main())
