@@ -184,7 +184,7 @@ class _SlotStream(torch.utils.data.IterableDataset):
         self.rank, self.workers = rank, workers
         self.slot_states, self.rotation = slot_states, rotation
 
-    def __iter__(self) -> Iterator[tuple[ViewBatch, int, SlotState]]:
+    def __iter__(self) -> Iterator[tuple["_PackedBatch", int, SlotState]]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         logical = (worker + self.rotation) % self.workers
@@ -192,7 +192,7 @@ class _SlotStream(torch.utils.data.IterableDataset):
         state = self.slot_states.get(slot) or SlotState()
         yield from self._batches(slot, state)
 
-    def _batches(self, slot: int, state: SlotState) -> Iterator[tuple[ViewBatch, int, SlotState]]:
+    def _batches(self, slot: int, state: SlotState) -> Iterator[tuple["_PackedBatch", int, SlotState]]:
         config, plan = self.config, self.plan
         positions = plan.slot_positions(slot)
         run_length = len(positions)
@@ -330,32 +330,58 @@ class _LoadedObject:
         return rgb.shape[1:3]
 
 
-def _collate(items: list[_LoadedObject]) -> ViewBatch:
+@dataclass
+class _PackedBatch:
+    """A batch as ONE float32 tensor plus its layout, for the trip from a loader worker.
+
+    Each tensor crossing a process boundary costs a shared-memory segment and a file-descriptor
+    hand-over that needs the worker's GIL; with ten tensors per batch that was measured to halve
+    the throughput of a busy worker (bench/data_pipeline.py). Unpacking makes zero-copy views.
+    """
+
+    buffer: torch.Tensor
+    layout: list[tuple[str, tuple[int, ...]]]
+    object_ids: list[str]
+
+    def unpack(self) -> ViewBatch:
+        fields, start = {}, 0
+        for name, shape in self.layout:
+            size = int(np.prod(shape))
+            fields[name] = self.buffer[start:start + size].view(shape)
+            start += size
+        for name in ("context_view_indices", "target_view_indices"):
+            fields[name] = fields[name].long()
+        return ViewBatch(object_ids=self.object_ids, **fields)
+
+
+def _collate(items: list[_LoadedObject]) -> _PackedBatch:
+    count = len(items)
     height, width = items[0].image_shape
-
-    def images(arrays: list[np.ndarray | None]) -> torch.Tensor:
-        if arrays[0] is None:
-            return torch.zeros(len(arrays), 0, 3, height, width)
-        # numpy for the conversion: cheaper than torch ops on small tensors, and no thread pool.
-        array = np.stack(arrays).transpose(0, 1, 4, 2, 3).astype(np.float32)
-        np.divide(array, np.float32(255.0), out=array)
-        return torch.from_numpy(array)
-
-    def floats(arrays: list[np.ndarray]) -> torch.Tensor:
-        return torch.from_numpy(np.stack(arrays)).float()
-
-    return ViewBatch(
-        context_images=images([o.context_rgb for o in items]),
-        context_K=floats([o.context_K for o in items]),
-        context_c2w=floats([o.context_c2w for o in items]),
-        target_images=images([o.target_rgb for o in items]),
-        target_K=floats([o.target_K for o in items]),
-        target_c2w=floats([o.target_c2w for o in items]),
-        background=torch.tensor([o.background for o in items], dtype=torch.float32),
-        object_ids=[o.object_id for o in items],
-        context_view_indices=torch.from_numpy(np.stack([o.context_views for o in items]).astype(np.int64)),
-        target_view_indices=torch.from_numpy(np.stack([o.target_views for o in items]).astype(np.int64)),
-    )
+    k, m = len(items[0].context_views), len(items[0].target_views)
+    layout = [
+        ("context_images", (count, k, 3, height, width)), ("target_images", (count, m, 3, height, width)),
+        ("context_K", (count, k, 3, 3)), ("context_c2w", (count, k, 4, 4)),
+        ("target_K", (count, m, 3, 3)), ("target_c2w", (count, m, 4, 4)),
+        ("background", (count, 3)), ("context_view_indices", (count, k)), ("target_view_indices", (count, m)),
+    ]
+    buffer = np.empty(sum(int(np.prod(shape)) for _, shape in layout), dtype=np.float32)
+    parts, start = {}, 0
+    for name, shape in layout:
+        size = int(np.prod(shape))
+        parts[name] = buffer[start:start + size].reshape(shape)
+        start += size
+    for i, item in enumerate(items):
+        if k:
+            parts["context_images"][i] = item.context_rgb.transpose(0, 3, 1, 2)
+        if m:
+            parts["target_images"][i] = item.target_rgb.transpose(0, 3, 1, 2)
+        parts["context_K"][i], parts["context_c2w"][i] = item.context_K, item.context_c2w
+        parts["target_K"][i], parts["target_c2w"][i] = item.target_K, item.target_c2w
+        parts["background"][i] = item.background
+        parts["context_view_indices"][i], parts["target_view_indices"][i] = item.context_views, item.target_views
+    images_end = count * (k + m) * 3 * height * width  # the images come first in the buffer
+    np.divide(buffer[:images_end], np.float32(255.0), out=buffer[:images_end])
+    return _PackedBatch(torch.from_numpy(buffer), layout, [item.object_id for item in items])
 
 
 def _tag(error: Exception, reason: str, shard_url: str | None) -> Exception:
@@ -424,10 +450,10 @@ class StreamingReader:
             multiprocessing_context="fork" if self.config.num_workers and os.name == "posix" else None,
         )
         if self.batches_consumed < total:
-            for batch, slot, state in loader:
+            for packed, slot, state in loader:
                 self._slot_states[slot] = state
                 self.batches_consumed += 1
-                yield batch
+                yield packed.unpack()
         if self.batches_consumed != total:
             raise RuntimeError(f"internal: rank {self.rank} produced {self.batches_consumed} of {total} batches")
         for state in self._slot_states.values():
