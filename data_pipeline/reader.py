@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from data_pipeline import storage
-from data_pipeline.cameras import scale_intrinsics
+from data_pipeline.cameras import CameraError, check_cameras, scale_intrinsics
 from data_pipeline.epoch_plan import EpochPlan, remaining_positions
 from data_pipeline.schema import ObjectSample, SampleError, decode_image, parse_sample
 from data_pipeline.shards import ShardIndex, load_or_build_index, read_sample_range
@@ -235,7 +235,7 @@ class _SlotStream(torch.utils.data.IterableDataset):
                             since_last_emit = 0
                             continue
                         except SampleError as error:
-                            item = _tag(error, "undecodable image", None)
+                            item = error if hasattr(error, "reason") else _tag(error, "undecodable image", None)
                 if state.cursor <= run_length:  # count each bad sample once, not again on refill passes
                     self._count_skip(state, item, warn)
             state.batches += 1
@@ -278,7 +278,9 @@ class _SlotStream(torch.utils.data.IterableDataset):
                 if key != expected:
                     raise tarfile.ReadError(f"found sample {key!r} where the index has {expected!r}")
                 try:
-                    out[position] = parse_sample(key, members)
+                    # Cameras are checked only for the views the batch uses (in _load_object):
+                    # checking all of them is the validator's job, and costs as much as a decode.
+                    out[position] = parse_sample(key, members, check_cameras=False)
                 except SampleError as error:
                     out[position] = _tag(error, "bad sample", shard.url)
                 got += 1
@@ -302,6 +304,12 @@ class _SlotStream(torch.utils.data.IterableDataset):
 
     def _load_object(self, sample: ObjectSample, context: np.ndarray, target: np.ndarray) -> "_LoadedObject":
         """Decode (and resize) only the chosen views; raises SampleError for an undecodable one."""
+        chosen = np.concatenate([context, target])
+        try:
+            check_cameras(sample.intrinsics[chosen], sample.c2w[chosen], where=f"object {sample.object_id} views {chosen.tolist()}")
+        except CameraError as error:
+            raise _tag(SampleError(str(error)), "bad camera", None) from None
+
         def views(indices: np.ndarray):
             loaded = [self._load_view(sample, int(v)) for v in indices]
             if not loaded:

@@ -194,7 +194,7 @@ def decode_image(data: bytes, width: int | None = None, height: int | None = Non
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            rgb = np.asarray(image.convert("RGB"))
+            rgb = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
     except Exception as error:  # PIL raises many types for broken files
         raise SampleError(f"{where}: cannot decode ({type(error).__name__}: {error})") from None
     if width is not None and height is not None and rgb.shape[:2] != (height, width):
