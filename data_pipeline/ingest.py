@@ -38,6 +38,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_pipeline import storage
+from data_pipeline.cli_types import background_colour, byte_size, positive_float, positive_int
 from data_pipeline.cameras import CameraError, blender_to_opencv_c2w, check_camera, intrinsics_from_fov, scale_intrinsics
 from data_pipeline.schema import IMAGE_FORMATS, ObjectSample, SampleError, encode_image, object_key
 from data_pipeline.shards import ShardWriter
@@ -54,7 +55,6 @@ _CAMERA_FIELDS = ("camera_angle_x", "camera_angle_y", "fl_x", "fl_y", "cx", "cy"
 _DISTORTION_FIELDS = ("k1", "k2", "k3", "k4", "p1", "p2")
 # Lanczos is antialiased when downscaling in PIL (its support grows with the reduction factor).
 _RESAMPLE = Image.Resampling.LANCZOS
-_NAMED_BACKGROUNDS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0), "gray": (0.5, 0.5, 0.5), "grey": (0.5, 0.5, 0.5)}
 
 
 class IngestError(ValueError):
@@ -527,51 +527,6 @@ def ingest(
 # --------------------------------------------------------------------------- command line
 
 
-def parse_background(text: str) -> tuple[float, float, float]:
-    if text.strip().lower() in _NAMED_BACKGROUNDS:
-        return _NAMED_BACKGROUNDS[text.strip().lower()]
-    parts = text.split(",")
-    try:
-        values = tuple(float(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected r,g,b numbers in [0, 1] or a name ({', '.join(_NAMED_BACKGROUNDS)}), got {text!r}") from None
-    if len(values) != 3 or not all(0.0 <= v <= 1.0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected three numbers in [0, 1] (e.g. 1,1,1 for white), got {text!r}")
-    return values  # type: ignore[return-value]
-
-
-def parse_size(text: str) -> int:
-    """Bytes, with an optional K/M/G/T suffix (powers of 1024): 1073741824, 1G, 512MiB."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, flags=re.IGNORECASE)
-    if not match:
-        raise argparse.ArgumentTypeError(f"expected a size such as 1073741824, 512M or 1G, got {text!r}")
-    number, unit = float(match.group(1)), match.group(2).upper()
-    value = int(number * 1024 ** " KMGT".index(unit or " "))
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m data_pipeline.ingest",
@@ -580,14 +535,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("sources", nargs="+", metavar="SRC_DIR", help="an object folder (with transforms*.json) or a folder of them")
     parser.add_argument("--format", default="nerf-synthetic", choices=FORMATS, help="input layout (default: nerf-synthetic)")
     parser.add_argument("--out", required=True, help="output folder or URL (s3://bucket/prefix, file://..., any fsspec URL)")
-    parser.add_argument("--resolution", type=_positive_int, default=None, help="output width in pixels; height keeps the aspect ratio")
-    parser.add_argument("--maxcount", type=_positive_int, default=100, help="objects per shard (default 100)")
-    parser.add_argument("--maxsize", type=parse_size, default=1 << 30, help="bytes per shard, e.g. 1G (default 1 GiB)")
-    parser.add_argument("--workers", type=_positive_int, default=1, help="parallel reader processes (default 1)")
-    parser.add_argument("--background", type=parse_background, default=(1.0, 1.0, 1.0), help="r,g,b in [0,1] for transparent pixels (default 1,1,1: white)")
+    parser.add_argument("--resolution", type=positive_int, default=None, help="output width in pixels; height keeps the aspect ratio")
+    parser.add_argument("--maxcount", type=positive_int, default=100, help="objects per shard (default 100)")
+    parser.add_argument("--maxsize", type=byte_size, default=1 << 30, help="bytes per shard, e.g. 1G (default 1 GiB)")
+    parser.add_argument("--workers", type=positive_int, default=1, help="parallel reader processes (default 1)")
+    parser.add_argument("--background", type=background_colour, default=(1.0, 1.0, 1.0), help="r,g,b in [0,1] for transparent pixels (default 1,1,1: white)")
     parser.add_argument("--prefix", default="shard", help="shard file name prefix (default: shard)")
     parser.add_argument("--image-format", default="png", choices=IMAGE_FORMATS, help="encoding of the stored views (default png, lossless)")
-    parser.add_argument("--scale", type=_positive_float, default=1.0, help="multiply camera translations by S (default 1.0)")
+    parser.add_argument("--scale", type=positive_float, default=1.0, help="multiply camera translations by S (default 1.0)")
     parser.add_argument("--category", default=None, help="category to record for every object (default: none)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser

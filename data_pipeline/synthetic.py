@@ -35,6 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_pipeline.cameras import intrinsics_from_fov, look_at_c2w
+from data_pipeline.cli_types import background_colour
 from data_pipeline.primitives import (
     LIGHT_DIR,
     TEXTURE_KINDS,
@@ -486,13 +487,6 @@ def generate_dataset(out: str, objects: int, views: int, resolution: int, seed: 
 # --------------------------------------------------------------------------------------------
 
 
-def _parse_background(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(c) for c in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected r,g,b numbers in [0, 1], got {text!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m data_pipeline.synthetic",
@@ -506,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count)")
     parser.add_argument("--objects-per-shard", type=int, default=64, help="objects per tar shard (default 64)")
     parser.add_argument("--image-format", default="png", help=f"one of {', '.join(IMAGE_FORMATS)} (default png)")
-    parser.add_argument("--background", type=_parse_background, default=(1.0, 1.0, 1.0),
+    parser.add_argument("--background", type=background_colour, default=(1.0, 1.0, 1.0),
                         help="background colour r,g,b in [0, 1] (default 1,1,1)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser

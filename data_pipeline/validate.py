@@ -31,6 +31,7 @@ from typing import Iterator
 from tqdm import tqdm
 
 from data_pipeline import storage
+from data_pipeline.cli_types import nonnegative_int
 from data_pipeline.cameras import CameraError, check_camera
 from data_pipeline.schema import IMAGE_FORMATS, META_SUFFIX, SampleError, decode_image, object_key, parse_sample
 from data_pipeline.shards import INDEX_SUFFIX, ShardIndex, iter_tar_groups, read_index
@@ -301,21 +302,11 @@ def validate(pattern: str | list[str], storage_options: dict | None = None, work
     return report
 
 
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m data_pipeline.validate", description="Check WebDataset shards of posed multi-view objects.")
     parser.add_argument("pattern", metavar="URL_PATTERN", help="shard URL(s) with braces/globs, local or s3://..., e.g. 'out/shard-{000000..000009}.tar'")
-    parser.add_argument("--max-problems", type=_nonnegative_int, default=50, help="problems to list (all are counted; default 50)")
-    parser.add_argument("--workers", type=_nonnegative_int, default=1, help="shards checked in parallel (default 1)")
+    parser.add_argument("--max-problems", type=nonnegative_int, default=50, help="problems to list (all are counted; default 50)")
+    parser.add_argument("--workers", type=nonnegative_int, default=1, help="shards checked in parallel (default 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 

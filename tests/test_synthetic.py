@@ -332,5 +332,5 @@ def test_cli_rejects_bad_flags_with_a_clear_message(tmp_path):
     assert result.returncode == 2
     assert "--views must be >= 1" in result.stderr
     result = run_cli("--out", str(tmp_path / "bad"), "--objects", "2", "--views", "2", "--resolution", "16",
-                     "--background", "white")
+                     "--background", "purple")
     assert result.returncode == 2 and "--background" in result.stderr

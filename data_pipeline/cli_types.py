@@ -1,0 +1,64 @@
+"""argparse value types shared by the command-line tools: each error names what was expected."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+
+_NAMED_BACKGROUNDS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0), "gray": (0.5, 0.5, 0.5), "grey": (0.5, 0.5, 0.5)}
+
+
+def background_colour(text: str) -> tuple[float, float, float]:
+    if text.strip().lower() in _NAMED_BACKGROUNDS:
+        return _NAMED_BACKGROUNDS[text.strip().lower()]
+    parts = text.split(",")
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected r,g,b numbers in [0, 1] or a name ({', '.join(_NAMED_BACKGROUNDS)}), got {text!r}") from None
+    if len(values) != 3 or not all(0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected three numbers in [0, 1] (e.g. 1,1,1 for white), got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def byte_size(text: str) -> int:
+    """Bytes, with an optional K/M/G/T suffix (powers of 1024): 1073741824, 1G, 512MiB."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a size such as 1073741824, 512M or 1G, got {text!r}")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    value = int(number * 1024 ** " KMGT".index(unit or " "))
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
