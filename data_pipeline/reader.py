@@ -448,8 +448,12 @@ class StreamingReader:
 
     # -- iteration -------------------------------------------------------------------------
     def __iter__(self) -> Iterator[ViewBatch]:
+        if self.batches_consumed >= len(self):  # restored from a state saved after an epoch's last batch
+            self._finish_epoch()
         plan = self._plan()
         total = plan.batches_per_slot * self.workers
+        # A DataLoader hands out batches round-robin from worker 0. After a resume at batch n the
+        # next batch belongs to logical worker n % workers, so the new workers are rotated.
         rotation = self.batches_consumed % self.workers
         stream = _SlotStream(self.config, self.index, plan, self.rank, self.workers, dict(self._slot_states), rotation)
         loader = torch.utils.data.DataLoader(
@@ -457,13 +461,15 @@ class StreamingReader:
             prefetch_factor=self.config.prefetch_batches if self.config.num_workers else None,
             multiprocessing_context="fork" if self.config.num_workers and os.name == "posix" else None,
         )
-        if self.batches_consumed < total:
-            for packed, slot, state in loader:
-                self._slot_states[slot] = state
-                self.batches_consumed += 1
-                yield packed.unpack()
+        for packed, slot, state in loader:
+            self._slot_states[slot] = state
+            self.batches_consumed += 1
+            yield packed.unpack()
         if self.batches_consumed != total:
             raise RuntimeError(f"internal: rank {self.rank} produced {self.batches_consumed} of {total} batches")
+        self._finish_epoch()
+
+    def _finish_epoch(self) -> None:
         for state in self._slot_states.values():
             self._finished_skips.add(state.skipped)
         self.set_epoch(self.epoch + 1)

@@ -320,3 +320,32 @@ def test_two_real_gloo_ranks_with_uneven_shards_do_not_hang(tmp_path):
     (steps0, ids0), (steps1, ids1) = json.loads(outputs[0][0])
     assert steps0 == steps1 > 0
     assert set(ids0) | set(ids1) == set(range(20))
+
+
+def test_bad_camera_is_skipped_with_its_reason(tmp_path):
+    with ShardWriter(str(tmp_path), "part000", max_objects=10) as writer:
+        for index in range(4):
+            sample, _ = toy_object(index)
+            if index == 2:
+                sample.c2w[1, :3, :3] *= 1.5  # not a rotation any more
+            writer.write(sample)
+    reader = StreamingReader(ReaderConfig(str(tmp_path / "part000-000000.tar"), batch_size=1, target_views=4,
+                                          context_views_max=0, num_workers=0, drop_last=False))
+    seen = [i for b in reader for i in ids_of(b)]
+    assert 2 not in seen and set(seen) == {0, 1, 3}
+    assert reader.skipped.by_reason == {"bad camera": 1}
+
+
+def test_state_saved_after_the_last_batch_resumes_at_the_next_epoch(tmp_path):
+    pattern = write_toy_shards(str(tmp_path), [6])
+    settings = dict(urls=pattern, batch_size=2, target_views=1, num_workers=0, seed=1)
+    full = StreamingReader(ReaderConfig(**settings))
+    first = [fingerprint(b) for b in full]
+    second = [fingerprint(b) for b in full]
+    reader = StreamingReader(ReaderConfig(**settings))
+    iterator = iter(reader)
+    for _ in range(len(reader)):
+        next(iterator)  # the generator has not yet rolled over to the next epoch
+    resumed = StreamingReader(ReaderConfig(**settings))
+    resumed.load_state_dict(reader.state_dict())
+    assert [fingerprint(b) for b in resumed] == second != first
