@@ -1,0 +1,124 @@
+"""Renderer and rays against independently known results: analytic transmittance, projections."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipeline.cameras import intrinsics_from_fov, look_at_c2w, project_points
+from model_zoo.rays import gather_pixels, intersect_box, patch_pixel_indices, pixel_centers, rays_from_pixels, view_rays
+from model_zoo.renderer import FieldDecoder, VolumeRenderer, composite
+from model_zoo.representations import build_representation
+
+
+class ConstantField(torch.nn.Module):
+    """A decoder that ignores features: constant density and colour everywhere in the box."""
+
+    def __init__(self, density: float, colour=(0.2, 0.4, 0.6)):
+        super().__init__()
+        self.density, self.colour = density, torch.tensor(colour, dtype=torch.float64)
+
+    def forward(self, features):
+        shape = features.shape[:-1]
+        return torch.full(shape, self.density, dtype=features.dtype), self.colour.to(features.dtype).expand(*shape, 3)
+
+
+def renderer_with(decoder, samples=64, half=1.0):
+    return VolumeRenderer(build_representation("voxel", channels=1, resolution=4), decoder, samples, half)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.3, 2.0])
+def test_transmittance_through_a_constant_density_slab_is_exponential(density):
+    renderer = renderer_with(ConstantField(density), samples=7)
+    # Rays through the cube [-1, 1]^3 with known path lengths: along x (2), and diagonals.
+    origins = torch.tensor([[[-5.0, 0.0, 0.0], [-5.0, -5.0, 0.0], [-3.0, -3.0, -3.0], [-5.0, 0.3, -0.2]]], dtype=torch.float64)
+    targets = torch.tensor([[[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.3, -0.2]]], dtype=torch.float64)
+    directions = targets - origins
+    directions = directions / directions.norm(dim=-1, keepdim=True)
+    lengths = torch.tensor([[2.0, 2.0 * math.sqrt(2.0), 2.0 * math.sqrt(3.0), 2.0]], dtype=torch.float64)
+    background = torch.tensor([[1.0, 1.0, 1.0]], dtype=torch.float64)
+    for stratified in (False, True):
+        out = renderer.render_rays(torch.zeros(1, 1, 4, 4, 4, dtype=torch.float64), origins, directions, background,
+                                   stratified=stratified)
+        expected = 1.0 - torch.exp(-density * lengths)
+        torch.testing.assert_close(out.opacity, expected, rtol=1e-12, atol=1e-12)
+        colour = torch.tensor([0.2, 0.4, 0.6], dtype=torch.float64)
+        torch.testing.assert_close(out.rgb, expected[..., None] * colour + (1 - expected[..., None]) * background)
+
+
+def test_empty_field_renders_the_background_and_missing_rays_too():
+    renderer = renderer_with(ConstantField(0.0))
+    origins = torch.tensor([[[-5.0, 0.0, 0.0], [-5.0, 3.0, 0.0]]])  # the second ray misses the box
+    directions = torch.tensor([[[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]])
+    background = torch.tensor([[0.1, 0.7, 0.3]])
+    out = renderer.render_rays(torch.zeros(1, 1, 4, 4, 4), origins, directions, background)
+    torch.testing.assert_close(out.rgb, background.expand(1, 2, 3))
+    assert torch.all(out.opacity == 0)
+    dense = renderer_with(ConstantField(50.0)).render_rays(torch.zeros(1, 1, 4, 4, 4), origins, directions, background)
+    assert dense.opacity[0, 0] > 0.999 and dense.opacity[0, 1] == 0  # a miss stays background however dense
+    torch.testing.assert_close(dense.depth[0, 0], torch.tensor(4.0), atol=0.05, rtol=0)  # surface at x = -1
+
+
+def test_opacity_stays_in_unit_interval_for_random_fields():
+    torch.manual_seed(0)
+    for kind, shape_kwargs in (("triplane", {}), ("voxel", {}), ("mlp", {"hidden": 16})):
+        rep = build_representation(kind, channels=4, resolution=8, **shape_kwargs) if kind != "mlp" else build_representation(kind, channels=4, **shape_kwargs)
+        renderer = VolumeRenderer(rep, FieldDecoder(rep.feature_dim, hidden=16, density_bias=2.0), samples_per_ray=16)
+        state = torch.randn(2, *rep.state_shape) * 3
+        origins = torch.randn(2, 50, 3) * 0.2 + torch.tensor([0.0, 0.0, -3.0])
+        directions = torch.nn.functional.normalize(torch.randn(2, 50, 3) * 0.3 + torch.tensor([0.0, 0.0, 1.0]), dim=-1)
+        out = renderer.render_rays(state, origins, directions, torch.rand(2, 3), stratified=True)
+        assert out.opacity.min() >= 0 and out.opacity.max() <= 1
+        assert torch.isfinite(out.rgb).all() and out.rgb.min() >= 0 and out.rgb.max() <= 1 + 1e-6  # rounding only
+
+
+def test_composite_matches_a_hand_computed_two_sample_case():
+    density = torch.tensor([1.0, 2.0])
+    deltas = torch.tensor([0.5, 0.25])
+    colour = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    rgb, opacity, depth, weights = composite(density, colour, deltas, torch.tensor([1.0, 2.0]), torch.zeros(3))
+    w0 = 1 - math.exp(-0.5)
+    w1 = math.exp(-0.5) * (1 - math.exp(-0.5))
+    torch.testing.assert_close(weights, torch.tensor([w0, w1]))
+    torch.testing.assert_close(rgb, torch.tensor([w0, w1, 0.0]))
+    torch.testing.assert_close(depth, torch.tensor(w0 * 1 + w1 * 2))
+
+
+def test_rays_pass_through_the_points_that_project_to_their_pixels():
+    rng = np.random.default_rng(0)
+    K = intrinsics_from_fov(40, 30, 0.9)
+    K[0, 2] += 1.5  # an off-centre principal point and non-square pixels
+    K[1, 1] *= 1.1
+    c2w = look_at_c2w(np.array([2.0, -3.0, 1.5]), np.array([0.1, 0.2, -0.1]))
+    points = rng.uniform(-1, 1, size=(20, 3))
+    uv, depth = project_points(points, K, c2w)
+    origins, directions = rays_from_pixels(torch.tensor(K), torch.tensor(c2w), torch.tensor(uv))
+    # The point lies on its ray: origin + s * direction for s = its distance from the camera.
+    distance = np.linalg.norm(points - c2w[:3, 3], axis=1)
+    on_ray = origins + torch.tensor(distance)[:, None] * directions
+    torch.testing.assert_close(on_ray, torch.tensor(points), atol=1e-9, rtol=0)
+
+
+def test_pixel_helpers():
+    centers = pixel_centers(2, 3)
+    torch.testing.assert_close(centers[4], torch.tensor([1.5, 1.5]))  # row 1, column 1
+    images = torch.arange(2 * 1 * 3 * 2 * 3, dtype=torch.float32).reshape(2, 1, 3, 2, 3)
+    picked = gather_pixels(images, torch.tensor([[[4, 0]]]).expand(2, 1, 2))
+    torch.testing.assert_close(picked[1, 0, 0], images[1, 0, :, 1, 1])
+    patch = patch_pixel_indices(1, 1, 8, 8, 3, torch.Generator().manual_seed(0))[0, 0]
+    rows, cols = patch // 8, patch % 8
+    assert rows.max() - rows.min() == 2 and cols.max() - cols.min() == 2 and len(set(patch.tolist())) == 9
+    origins, directions = view_rays(torch.eye(3).expand(1, 2, 3, 3) * 4 + torch.tensor([[0, 0, 2], [0, 0, 2], [0, 0, -3]]),
+                                    torch.eye(4).expand(1, 2, 4, 4), 4, 4)
+    assert origins.shape == (1, 2, 16, 3) and torch.allclose(directions.norm(dim=-1), torch.ones(1, 2, 16))
+
+
+def test_intersect_box_axis_parallel_rays():
+    t_near, t_far, hit = intersect_box(torch.tensor([[-3.0, 0.5, 0.5], [0.0, 0.0, 0.0]]),
+                                       torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]), 1.0)
+    torch.testing.assert_close(t_near, torch.tensor([2.0, 0.0]))
+    torch.testing.assert_close(t_far, torch.tensor([4.0, 1.0]))
+    assert hit.all()
