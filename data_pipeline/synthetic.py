@@ -52,20 +52,26 @@ from data_pipeline.schema import IMAGE_FORMATS, ObjectSample, encode_image
 from data_pipeline.shards import ShardWriter
 
 GENERATOR = "data_pipeline.synthetic"
-GENERATOR_VERSION = 1  # bump when the same (seed, index) would produce a different object
+GENERATOR_VERSION = 2  # bump when the same (seed, index) would produce a different object
 SOURCE = "synthetic"
 FAMILIES = ("random", "snowman", "table", "tower", "mushroom")
 BBOX = [[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]]  # every object lies inside this cube
 OBJECT_FILL = 0.9  # the object's largest half-side; the margin keeps it off the cube's faces
 MIN_RESOLUTION = 8
 
-# Camera rig. The whole cube must be in every view from every direction: its bounding sphere
-# (radius sqrt(3)) seen from distance d spans a half-angle asin(sqrt(3) / d). With a 50 degree
-# field of view we put the cameras where that half-angle is 90% of the half field of view, so the
-# cube's corners stay >= 5% of the image width from the border. (A camera at 2.5-3 units would
-# need a 70-85 degree lens to keep the cube in view from every direction.)
+# Camera rig. Each object's cameras are as close as they can be while its whole bounding box
+# stays in every view from every direction: the box's bounding sphere (radius r) seen from
+# distance d spans a half-angle asin(r / d); the cameras sit where that is 90% of the half field
+# of view, so the object fills the frame (and the box's corners stay >= 5% of the width from the
+# border) whatever its shape. The distance is stored per object in extra.camera_radius.
 FOV_DEG = 50.0
-CAMERA_RADIUS = math.sqrt(3.0) / math.sin(0.9 * math.radians(FOV_DEG) / 2.0)  # ~4.53
+FRAMING = 0.9
+
+
+def camera_radius(bounding_radius: float) -> float:
+    return bounding_radius / math.sin(FRAMING * math.radians(FOV_DEG) / 2.0)
+
+
 WORLD_UP = np.array([0.0, 0.0, 1.0])  # objects are built upright along +z; images keep +z up
 
 
@@ -306,10 +312,10 @@ def camera_directions(rng: np.random.Generator, views: int) -> np.ndarray:
     return directions[rng.permutation(views)]
 
 
-def camera_rig(rng: np.random.Generator, views: int, resolution: int) -> tuple[np.ndarray, np.ndarray]:
-    """(K (V, 3, 3), c2w (V, 4, 4)) of cameras at CAMERA_RADIUS looking at the origin."""
+def camera_rig(rng: np.random.Generator, views: int, resolution: int, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """(K (V, 3, 3), c2w (V, 4, 4)) of cameras at distance ``radius`` looking at the origin."""
     K = intrinsics_from_fov(resolution, resolution, math.radians(FOV_DEG))
-    c2w = np.stack([look_at_c2w(CAMERA_RADIUS * d, np.zeros(3), WORLD_UP) for d in camera_directions(rng, views)])
+    c2w = np.stack([look_at_c2w(radius * d, np.zeros(3), WORLD_UP) for d in camera_directions(rng, views)])
     return np.repeat(K[None], views, axis=0), c2w
 
 
@@ -318,10 +324,12 @@ def make_object(seed: int, index: int, views: int, resolution: int, image_format
     """Generate, render and encode object ``index`` of dataset ``seed``; a pure function of its args."""
     rng = object_rng(seed, index)
     obj = build_object(rng)
-    intrinsics, c2w = camera_rig(rng, views, resolution)
+    lo, hi = obj.bounds()
+    # The box is centred on the origin (see _fit_in_cube): its farthest corner bounds the object.
+    distance = camera_radius(float(np.linalg.norm(np.maximum(np.abs(lo), np.abs(hi)))))
+    intrinsics, c2w = camera_rig(rng, views, resolution, distance)
     background = tuple(float(c) for c in background)
     images = render(list(obj.parts), intrinsics, c2w, resolution, resolution, background)
-    lo, hi = obj.bounds()
     return ObjectSample(
         object_id=object_id(seed, index),
         images=[encode_image(image, image_format) for image in images],
@@ -342,7 +350,7 @@ def make_object(seed: int, index: int, views: int, resolution: int, image_format
             "seed": seed,
             "index": index,
             "fov_x_deg": FOV_DEG,
-            "camera_radius": CAMERA_RADIUS,
+            "camera_radius": distance,
             "light_dir": LIGHT_DIR.tolist(),
             "parts": obj.to_json(),
         },

@@ -145,17 +145,19 @@ def test_metadata_records_the_unit_cube(dataset):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_cameras_look_at_the_origin_and_frame_the_cube(dataset):
+def test_cameras_look_at_the_origin_and_frame_the_object_box(dataset):
     _, _, samples = dataset
-    corners = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], dtype=np.float64)
     for sample in samples:
+        lo, hi = (np.array(v) for v in sample.extra["object_bbox"])
+        assert (lo >= -1).all() and (hi <= 1).all()  # inside the cube the renderer samples
+        corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
         for K, c2w in zip(sample.intrinsics, sample.c2w):
             uv, depth = project_points(np.zeros((1, 3)), K, c2w)
             np.testing.assert_allclose(uv[0], [RES / 2, RES / 2], atol=1e-9)
-            assert math.isclose(depth[0], synthetic.CAMERA_RADIUS)
+            assert math.isclose(depth[0], sample.extra["camera_radius"])
             uv, depth = project_points(corners, K, c2w)
             assert (depth > 0).all()
-            assert (uv > 0).all() and (uv < RES).all(), "a corner of [-1,1]^3 falls outside the image"
+            assert (uv > 0).all() and (uv < RES).all(), "a corner of the object's box falls outside the image"
 
 
 def test_object_covers_part_of_each_view_and_never_touches_the_border(dataset):
