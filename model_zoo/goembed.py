@@ -37,6 +37,14 @@ class RayBatch:
     directions: torch.Tensor  # (B, V*N, 3)
     colours: torch.Tensor  # (B, V*N, 3) the observed pixel colours
     num_views: int
+    # (B, V*N) 0/1 weights: drop some views of some objects (context dropout) without reshaping.
+    ray_weights: torch.Tensor | None = None
+
+    def views_per_object(self) -> torch.Tensor:
+        """(B,) number of views that count for each object."""
+        if self.ray_weights is None:
+            return torch.full((self.origins.shape[0],), float(self.num_views), device=self.origins.device)
+        return self.ray_weights.sum(dim=1) / max(self.rays_per_view, 1)
 
     @property
     def rays_per_view(self) -> int:
@@ -63,13 +71,18 @@ def goembed(renderer: VolumeRenderer, rays: RayBatch, background: torch.Tensor, 
         out = renderer.render_rays(origin, rays.origins, rays.directions, background, stratified=False,
                                    keep_samples=normalisation == "coverage" and representation.is_grid)
         # Σ over views of the mean over that view's pixels (and colour channels).
-        loss = ((out.rgb - rays.colours) ** 2).sum() / (rays.rays_per_view * 3)
+        squared = ((out.rgb - rays.colours) ** 2).sum(dim=-1)
+        if rays.ray_weights is not None:
+            squared = squared * rays.ray_weights
+        loss = squared.sum() / (rays.rays_per_view * 3)
         (gradient,) = torch.autograd.grad(loss, origin, create_graph=create_graph)
     encoding = -gradient
     if normalisation == "views" or (normalisation == "coverage" and not representation.is_grid):
-        return encoding / rays.num_views
+        per_object = rays.views_per_object().clamp_min(1.0).to(encoding.dtype)
+        return encoding / per_object.view(-1, *([1] * (encoding.dim() - 1)))
     if normalisation == "coverage":
-        return encoding / (coverage(renderer, out.points, out.weights) / rays.rays_per_view + coverage_eps)
+        weights = out.weights if rays.ray_weights is None else out.weights * rays.ray_weights.unsqueeze(-1)
+        return encoding / (coverage(renderer, out.points, weights) / rays.rays_per_view + coverage_eps)
     return encoding
 
 

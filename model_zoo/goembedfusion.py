@@ -1,0 +1,253 @@
+"""GOEmbedFusion: the renderer's decoder ψ, the GOEmbed encoder and the 3D denoiser as one module.
+
+One training step for a batch of objects (DESIGN.md §2):
+
+1. the first target view is the diffusion target: x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε (images in [-1, 1]);
+2. ζ_enc = GOEmbed(context views ∪ {x_t at its camera}), views resized to ``encode_resolution``;
+3. ζ̂ = D_θ(ζ_enc, t), a clean 3D representation;
+4. ζ̂ is rendered on random rays of every target and context view; the loss is the MSE to the
+   clean images (colours in [0, 1]).
+
+Context dropout (``context_dropout``) removes the context views of some objects, which trains
+the unconditional model used by classifier-free guidance. With probability
+``reconstruction_prob`` an object is trained in *reconstruction mode*: the noisy target is left
+out of the encoding and t = T−1 (at that noise level x_t carries no signal anyway), which is
+exactly what :meth:`reconstruct` does at test time, deterministically.
+
+The module knows nothing of DeepSpeed: ``forward(batch) -> (loss, metrics)`` is all a trainer needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model_zoo.diffusion import CosineSchedule, classifier_free_guidance
+from model_zoo.encodings import unprojection
+from model_zoo.goembed import NORMALISATIONS, RayBatch, goembed
+from model_zoo.presets import get_preset
+from model_zoo.rays import gather_pixels, random_pixel_indices, view_rays
+from model_zoo.renderer import FieldDecoder, VolumeRenderer
+from model_zoo.representations import build_representation
+from model_zoo.unet import build_denoiser
+
+Encoder = Literal["goembed", "unprojection", "zeros"]
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    representation: str = "triplane"  # triplane | voxel | mlp
+    encoder: Encoder = "goembed"  # goembed; unprojection and zeros are baselines
+    goembed_normalisation: str = "coverage"  # see goembed.py and the README for the measurement
+    encode_resolution: int = 32  # views are resized to this width before encoding
+    train_decoder_through_encoder: bool = True  # create_graph=True: the loss reaches ψ through GOEmbed
+    context_dropout: float = 0.1
+    reconstruction_prob: float = 0.25
+    context_loss_weight: float = 1.0
+    num_timesteps: int = 1000
+    box_half_size: float = 1.0  # objects live in [-h, h]^3 (world units)
+    rays_per_view: int | None = None  # None: the preset's
+    samples_per_ray: int | None = None  # None: the preset's
+    mlp_hidden: int = 32  # the MLP representation's own width
+
+    def __post_init__(self):
+        if self.encoder not in ("goembed", "unprojection", "zeros"):
+            raise ValueError(f"ModelConfig.encoder must be goembed, unprojection or zeros, got {self.encoder!r}")
+        if self.goembed_normalisation not in NORMALISATIONS:
+            raise ValueError(f"ModelConfig.goembed_normalisation must be one of {NORMALISATIONS}, got {self.goembed_normalisation!r}")
+        for name in ("context_dropout", "reconstruction_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"ModelConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+
+
+@dataclass
+class Views:
+    """Posed images of B objects: images (B, V, 3, H, W) in [0, 1], K (B, V, 3, 3), c2w (B, V, 4, 4)."""
+
+    images: torch.Tensor
+    K: torch.Tensor
+    c2w: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        return self.images.shape[1]
+
+    def resized(self, width: int) -> "Views":
+        height, old_width = self.images.shape[-2:]
+        if width == old_width:
+            return self
+        new_height = max(1, round(height * width / old_width))
+        flat = self.images.flatten(0, 1)
+        mode = "area" if width < old_width else "bilinear"
+        images = F.interpolate(flat, size=(new_height, width), mode=mode).unflatten(0, self.images.shape[:2])
+        scale = torch.tensor([width / old_width, new_height / height, 1.0], device=self.K.device, dtype=self.K.dtype)
+        return Views(images, self.K * scale.view(3, 1), self.c2w)
+
+
+class GOEmbedFusion(nn.Module):
+    def __init__(self, config: ModelConfig | None = None):
+        super().__init__()
+        self.config = config = config or ModelConfig()
+        preset = get_preset(config.preset)
+        kind = config.representation
+        if kind == "triplane":
+            representation = build_representation(kind, channels=preset.triplane_channels, resolution=preset.triplane_resolution)
+        elif kind == "voxel":
+            representation = build_representation(kind, channels=preset.voxel_channels, resolution=preset.voxel_resolution)
+        else:
+            representation = build_representation(kind, channels=preset.triplane_channels, hidden=config.mlp_hidden)
+        decoder = FieldDecoder(representation.feature_dim, preset.decoder_hidden, preset.decoder_layers)
+        self.renderer = VolumeRenderer(representation, decoder, config.samples_per_ray or preset.samples_per_ray,
+                                       config.box_half_size)
+        self.denoiser = build_denoiser(kind, representation.state_shape, preset.denoiser_config(kind))
+        self.schedule = CosineSchedule(config.num_timesteps)
+        self.rays_per_view = config.rays_per_view or preset.rays_per_view
+
+    @property
+    def representation(self):
+        return self.renderer.representation
+
+    # -- the three parts -----------------------------------------------------------------------
+    def encode(self, views: Views, background: torch.Tensor, view_weights: torch.Tensor | None = None,
+               create_graph: bool = False) -> torch.Tensor:
+        """ζ_enc (B, *state_shape) from posed views (zero views: zeros). ``view_weights`` (B, V) drops views."""
+        views = views.resized(self.config.encode_resolution)
+        batch, count = views.images.shape[:2]
+        height, width = views.images.shape[-2:]
+        origins, directions = view_rays(views.K, views.c2w, height, width)
+        colours = views.images.flatten(3).transpose(2, 3)  # (B, V, H*W, 3)
+        weights = None
+        if view_weights is not None:
+            weights = view_weights.to(colours.dtype).unsqueeze(-1).expand(-1, -1, height * width).reshape(batch, -1)
+        rays = RayBatch(origins.reshape(batch, -1, 3), directions.reshape(batch, -1, 3), colours.reshape(batch, -1, 3),
+                        count, weights)
+        if self.config.encoder == "zeros" or count == 0:
+            return self.representation.origin(batch, device=background.device, dtype=colours.dtype) * 0
+        if self.config.encoder == "unprojection":
+            return unprojection(self.renderer, rays)
+        return goembed(self.renderer, rays, background, create_graph=create_graph,
+                       normalisation=self.config.goembed_normalisation)
+
+    def denoise(self, encoding: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.denoiser(encoding, t)
+
+    def render(self, state: torch.Tensor, K: torch.Tensor, c2w: torch.Tensor, height: int, width: int,
+               background: torch.Tensor) -> torch.Tensor:
+        """Whole images (B, V, 3, H, W) of ζ from any cameras (deterministic sample positions)."""
+        batch, count = K.shape[:2]
+        origins, directions = view_rays(K, c2w, height, width)
+        out = self.renderer.render_rays_chunked(state, origins.reshape(batch, -1, 3), directions.reshape(batch, -1, 3), background)
+        return out.rgb.reshape(batch, count, height, width, 3).permute(0, 1, 4, 2, 3)
+
+    # -- training ------------------------------------------------------------------------------
+    def forward(self, batch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The GOEmbedFusion loss of a :class:`data_pipeline.reader.ViewBatch` (or anything shaped like one)."""
+        config = self.config
+        device = batch.target_images.device
+        B = batch.target_images.shape[0]
+        draw = generator.device if generator is not None else device
+
+        def uniform(*shape):
+            return torch.rand(*shape, generator=generator, device=draw).to(device)
+
+        x0 = batch.target_images[:, 0] * 2 - 1
+        t = self.schedule.sample_timesteps(B, generator, device)
+        reconstruction = uniform(B) < config.reconstruction_prob
+        t = torch.where(reconstruction, torch.full_like(t, config.num_timesteps - 1), t)
+        noise = torch.randn(x0.shape, generator=generator, device=draw).to(device=device, dtype=x0.dtype)
+        x_t = self.schedule.q_sample(x0, t, noise)
+
+        keep_context = (uniform(B) >= config.context_dropout).to(x0.dtype)
+        context = Views(batch.context_images, batch.context_K, batch.context_c2w)
+        noisy = Views(((x_t + 1) / 2).unsqueeze(1), batch.target_K[:, :1], batch.target_c2w[:, :1])
+        encode_views = Views(torch.cat([context.images, noisy.images], 1), torch.cat([context.K, noisy.K], 1),
+                             torch.cat([context.c2w, noisy.c2w], 1))
+        view_weights = torch.cat([keep_context.unsqueeze(1).expand(-1, context.count), (~reconstruction).to(x0.dtype).unsqueeze(1)], 1)
+        encoding = self.encode(encode_views, batch.background, view_weights,
+                               create_graph=config.train_decoder_through_encoder and self.training)
+        state = self.denoise(encoding, t)
+
+        target_mse = self._render_loss(state, Views(batch.target_images, batch.target_K, batch.target_c2w), batch.background, generator)
+        metrics = {"target_mse": target_mse.detach(), "t_mean": t.float().mean(),
+                   "psnr_target": -10 * torch.log10(target_mse.detach().clamp_min(1e-10))}
+        loss = target_mse
+        if context.count:
+            context_mse = self._render_loss(state, context, batch.background, generator)
+            loss = loss + config.context_loss_weight * context_mse
+            metrics["context_mse"] = context_mse.detach()
+        metrics["loss"] = loss.detach()
+        return loss, metrics
+
+    def _render_loss(self, state: torch.Tensor, views: Views, background: torch.Tensor,
+                     generator: torch.Generator | None) -> torch.Tensor:
+        batch, count = views.images.shape[:2]
+        height, width = views.images.shape[-2:]
+        indices = random_pixel_indices(batch, count, height, width, self.rays_per_view, generator,
+                                       generator.device if generator is not None else views.images.device).to(views.images.device)
+        origins, directions = view_rays(views.K, views.c2w, height, width, indices)
+        colours = gather_pixels(views.images, indices)
+        out = self.renderer.render_rays(state, origins.reshape(batch, -1, 3), directions.reshape(batch, -1, 3), background,
+                                        stratified=self.training, generator=generator)
+        return F.mse_loss(out.rgb, colours.reshape(batch, -1, 3).to(out.rgb.dtype))
+
+    # -- inference -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def reconstruct(self, context: Views, background: torch.Tensor) -> torch.Tensor:
+        """Deterministic sparse-view reconstruction: ζ from the context views alone."""
+        encoding = self.encode(context, background)
+        t = torch.full((context.images.shape[0],), self.config.num_timesteps - 1, device=background.device, dtype=torch.long)
+        return self.denoise(encoding, t)
+
+    @torch.no_grad()
+    def sample(self, target_K: torch.Tensor, target_c2w: torch.Tensor, background: torch.Tensor,
+               context: Views | None = None, steps: int = 50, guidance_scale: float = 1.0,
+               resolution: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A 3D sample ζ (B, *state_shape) by DDIM over an image at one target camera per object.
+
+        target_K (B, 3, 3) is for an image of width ``resolution`` (default: encode_resolution) and
+        square pixels. With context views and guidance_scale != 1, classifier-free guidance mixes
+        the conditional and unconditional predictions of ζ. The result renders from any camera.
+        """
+        width = height = resolution or self.config.encode_resolution  # square, like the training renders
+        batch = target_K.shape[0]
+        device = background.device
+        draw = generator.device if generator is not None else device
+        x_t = torch.randn(batch, 3, height, width, generator=generator, device=draw).to(device)
+        state = None
+        timesteps = self.schedule.ddim_timesteps(steps)
+        for i, t_now in enumerate(timesteps):
+            t = torch.full((batch,), t_now, device=device, dtype=torch.long)
+            noisy = Views(((x_t + 1) / 2).unsqueeze(1), target_K.unsqueeze(1), target_c2w.unsqueeze(1))
+            state = self._predict(noisy, context, background, t, guidance_scale)
+            x0 = self.render(state, target_K.unsqueeze(1), target_c2w.unsqueeze(1), height, width, background)[:, 0] * 2 - 1
+            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+            x_t = self.schedule.ddim_step(x_t, x0, t_now, t_prev)
+        return state
+
+    def _predict(self, noisy: Views, context: Views | None, background: torch.Tensor, t: torch.Tensor,
+                 guidance_scale: float) -> torch.Tensor:
+        unconditional = self.denoise(self.encode(noisy, background), t)
+        if context is None or context.count == 0:
+            return unconditional
+        both = Views(torch.cat([context.images, noisy.images], 1), torch.cat([context.K, noisy.K], 1),
+                     torch.cat([context.c2w, noisy.c2w], 1))
+        conditional = self.denoise(self.encode(both, background), t)
+        if guidance_scale == 1.0:
+            return conditional
+        return classifier_free_guidance(conditional, unconditional, guidance_scale)
+
+    def describe(self) -> dict:
+        return {"config": asdict(self.config), "parameters": sum(p.numel() for p in self.parameters()),
+                "state_shape": list(self.representation.state_shape)}
+
+
+def psnr(mse: torch.Tensor) -> torch.Tensor:
+    return -10 * torch.log10(mse.clamp_min(1e-10))
+
+
+__all__ = ["GOEmbedFusion", "ModelConfig", "Views", "psnr"]
