@@ -77,6 +77,11 @@ class Views:
     def count(self) -> int:
         return self.images.shape[1]
 
+    def join(self, other: "Views") -> "Views":
+        """Both sets of views of the same objects, as one (images must have the same size)."""
+        return Views(torch.cat([self.images, other.images], 1), torch.cat([self.K, other.K], 1),
+                     torch.cat([self.c2w, other.c2w], 1))
+
     def resized(self, width: int) -> "Views":
         height, old_width = self.images.shape[-2:]
         if width == old_width:
@@ -165,8 +170,7 @@ class GOEmbedFusion(nn.Module):
         keep_context = (uniform(B) >= config.context_dropout).to(x0.dtype)
         context = Views(batch.context_images, batch.context_K, batch.context_c2w)
         noisy = Views(((x_t + 1) / 2).unsqueeze(1), batch.target_K[:, :1], batch.target_c2w[:, :1])
-        encode_views = Views(torch.cat([context.images, noisy.images], 1), torch.cat([context.K, noisy.K], 1),
-                             torch.cat([context.c2w, noisy.c2w], 1))
+        encode_views = context.join(noisy)
         view_weights = torch.cat([keep_context.unsqueeze(1).expand(-1, context.count), (~reconstruction).to(x0.dtype).unsqueeze(1)], 1)
         encoding = self.encode(encode_views, batch.background, view_weights,
                                create_graph=config.train_decoder_through_encoder and self.training)
@@ -234,8 +238,7 @@ class GOEmbedFusion(nn.Module):
         unconditional = self.denoise(self.encode(noisy, background), t)
         if context is None or context.count == 0:
             return unconditional
-        both = Views(torch.cat([context.images, noisy.images], 1), torch.cat([context.K, noisy.K], 1),
-                     torch.cat([context.c2w, noisy.c2w], 1))
+        both = context.resized(noisy.images.shape[-1]).join(noisy)
         conditional = self.denoise(self.encode(both, background), t)
         if guidance_scale == 1.0:
             return conditional

@@ -1,0 +1,133 @@
+"""The composed model: gradients reach every part, it samples, it runs in bf16, and it learns."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipeline.cameras import intrinsics_from_fov, look_at_c2w
+from data_pipeline.reader import ReaderConfig, StreamingReader
+from data_pipeline.synthetic import generate_dataset
+from model_zoo.experiment import FitConfig, evaluate_novel_views, fit
+from model_zoo.goembedfusion import GOEmbedFusion, ModelConfig, Views
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny ops on 2 shared cores: a second OpenMP thread mostly waits (and is 10x slower when busy).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("synthetic"))
+    summary = generate_dataset(out, objects=128, views=16, resolution=32, seed=1, holdout_fraction=0.125, progress=False)
+    return summary["train_pattern"], summary["holdout_pattern"]
+
+
+def first_batch(pattern, context_views=2, batch_size=2):
+    reader = StreamingReader(ReaderConfig(pattern, batch_size=batch_size, context_views_min=context_views,
+                                          context_views_max=context_views, target_views=2, num_workers=0))
+    return next(iter(reader))
+
+
+@pytest.mark.parametrize("kind", ["triplane", "voxel", "mlp"])
+def test_loss_reaches_decoder_and_denoiser(dataset, kind):
+    torch.manual_seed(0)
+    model = GOEmbedFusion(ModelConfig(representation=kind, encode_resolution=16, rays_per_view=64, context_dropout=0.0,
+                                      reconstruction_prob=0.0))
+    loss, metrics = model(first_batch(dataset[0]), generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and set(metrics) >= {"loss", "target_mse", "context_mse", "psnr_target"}
+    for name, part in (("decoder", model.renderer.decoder), ("denoiser", model.denoiser)):
+        total = sum(float(p.grad.abs().sum()) for p in part.parameters() if p.grad is not None)
+        assert total > 0, f"no gradient reached the {name}"
+
+
+def test_gradient_flows_through_goembed_into_the_decoder(dataset):
+    torch.manual_seed(0)
+    model = GOEmbedFusion(ModelConfig(encode_resolution=16))
+    batch = first_batch(dataset[0])
+    views = Views(batch.context_images, batch.context_K, batch.context_c2w)
+    # Only path from this loss to ψ: through the encoder (the denoiser output is not rendered).
+    for create_graph in (True, False):
+        model.zero_grad(set_to_none=True)
+        encoding = model.encode(views, batch.background, create_graph=create_graph)
+        model.denoise(encoding, torch.zeros(2, dtype=torch.long)).square().mean().backward()
+        grads = [p.grad for p in model.renderer.decoder.parameters()]
+        if create_graph:
+            assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+        else:
+            assert all(g is None for g in grads)  # without create_graph the encoder is a constant
+
+
+def test_same_generator_gives_the_same_loss(dataset):
+    model = GOEmbedFusion(ModelConfig(encode_resolution=16, rays_per_view=64))
+    batch = first_batch(dataset[0])
+    first, _ = model(batch, generator=torch.Generator().manual_seed(3))
+    second, _ = model(batch, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(first, second)
+
+
+def test_bf16_autocast_runs_on_cpu(dataset):
+    model = GOEmbedFusion(ModelConfig(encode_resolution=16, rays_per_view=64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = model(first_batch(dataset[0]), generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_sampling_returns_a_representation_renderable_from_any_camera(dataset):
+    torch.manual_seed(0)
+    model = GOEmbedFusion(ModelConfig(encode_resolution=16)).eval()
+    batch = first_batch(dataset[1])
+    context = Views(batch.context_images, batch.context_K, batch.context_c2w)
+    K16 = batch.target_K[:, 0] * torch.tensor([0.5, 0.5, 1.0]).view(3, 1)  # 32 px cameras -> 16 px
+    for ctx, scale in ((None, 1.0), (context, 2.0)):
+        state = model.sample(K16, batch.target_c2w[:, 0], batch.background, context=ctx, steps=3, guidance_scale=scale,
+                             generator=torch.Generator().manual_seed(0))
+        assert state.shape == (2, *model.representation.state_shape) and torch.isfinite(state).all()
+        # Novel cameras the sampler never saw, at another resolution.
+        K = torch.tensor(intrinsics_from_fov(24, 24, math.radians(50)), dtype=torch.float32).expand(2, 2, 3, 3)
+        c2w = torch.tensor(np.stack([look_at_c2w(np.array(e), np.zeros(3)) for e in ([3.0, 0.5, 1.0], [-1.0, -3.0, 0.2])]),
+                           dtype=torch.float32).expand(2, 2, 4, 4)
+        images = model.render(state, K, c2w, 24, 24, batch.background)
+        assert images.shape == (2, 2, 3, 24, 24) and torch.isfinite(images).all()
+        assert images.min() >= 0 and images.max() <= 1 + 1e-6
+    reconstruction = model.reconstruct(context, batch.background)
+    assert torch.equal(reconstruction, model.reconstruct(context, batch.background))  # deterministic
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="ModelConfig.encoder"):
+        ModelConfig(encoder="magic")
+    with pytest.raises(ValueError, match="ModelConfig.context_dropout"):
+        ModelConfig(context_dropout=1.5)
+    with pytest.raises(ValueError, match="tiny"):
+        GOEmbedFusion(ModelConfig(preset="enormous"))
+
+
+# Measured on the 2-core CPU machine (README, "It learns"): after 150 steps (~1.5 CPU minutes),
+# GOEmbed reconstruction reached 16.3 dB held-out novel-view PSNR, the same model with a zero
+# encoding 15.0 dB, and the mean-colour baseline 11.7 dB. The asserted margins are below those.
+def test_it_learns_and_goembed_beats_a_zero_encoding(dataset):
+    train, holdout = dataset
+    results = {}
+    for encoder in ("goembed", "zeros"):
+        torch.manual_seed(0)
+        model = GOEmbedFusion(ModelConfig(encoder=encoder, encode_resolution=32, reconstruction_prob=1.0,
+                                          context_dropout=0.0, train_decoder_through_encoder=False, rays_per_view=256))
+        history = fit(model, train, FitConfig(steps=150, lr=2e-3))
+        assert np.mean([h["loss"] for h in history[-10:]]) < 0.6 * history[0]["loss"]
+        results[encoder] = evaluate_novel_views(model, holdout, context_views=3)
+    print(results)
+    goembed, zeros = results["goembed"], results["zeros"]
+    assert goembed["objects"] == 16
+    assert goembed["psnr"] > goembed["baseline_mean_colour_psnr"] + 3.0
+    assert goembed["psnr"] > zeros["psnr"] + 0.5
