@@ -90,7 +90,9 @@ def stratified_depths(t_near: torch.Tensor, t_far: torch.Tensor, samples_per_ray
     """
     bins = torch.arange(samples_per_ray, device=t_near.device, dtype=t_near.dtype)
     if stratified:
-        jitter = torch.rand(*t_near.shape, samples_per_ray, generator=generator, device=t_near.device, dtype=t_near.dtype)
+        # Drawn where the generator lives (a CPU generator may drive a CUDA model), then moved.
+        draw = generator.device if generator is not None else t_near.device
+        jitter = torch.rand(*t_near.shape, samples_per_ray, generator=generator, device=draw, dtype=t_near.dtype).to(t_near.device)
     else:
         jitter = torch.full((*t_near.shape, samples_per_ray), 0.5, device=t_near.device, dtype=t_near.dtype)
     step = ((t_far - t_near) / samples_per_ray).unsqueeze(-1)

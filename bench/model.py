@@ -1,0 +1,323 @@
+"""Benchmark of the model: renderer throughput, GOEmbed cost, and a training step split by part.
+
+    python bench/model.py [--preset tiny] [--representation triplane|voxel|mlp|all]
+                          [--device cpu|cuda] [--dtype fp32|bf16] [--batch-size 4] [--threads 1] [--repeats N]
+
+Prints one JSON line (progress to stderr). Every figure is the median of ``--repeats`` timed runs
+after warm-up, with a device synchronisation around each timed region on GPU. Per representation:
+
+* ``render``: rays/s of ``VolumeRenderer.render_rays`` on a random state, forward only (no grad)
+  and forward + backward (MSE on rgb, gradients to the state and the decoder ψ);
+* ``goembed``: time of ``goembed(...)`` with create_graph False / True on the same rays, as a ratio
+  to one forward render of those rays. The method's claim is "one render + one backward", so
+  ``forward_backward_vs_forward`` (measured on the same rays) is the yardstick for those ratios;
+* ``train_step``: one step of the composed model on a real batch from the streaming reader,
+  timed part by part in a replica of ``GOEmbedFusion.forward``. The replica's loss is checked
+  against ``model(batch)`` for the same seeds (``loss_matches_model``), so the split is faithful.
+
+Absolute numbers depend on the machine; ratios and fractions are what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from data_pipeline.reader import ReaderConfig, StreamingReader
+from data_pipeline.synthetic import generate_dataset
+from model_zoo.goembed import RayBatch, goembed
+from model_zoo.goembedfusion import GOEmbedFusion, ModelConfig, Views
+
+REPRESENTATIONS = ("triplane", "voxel", "mlp")
+PARTS = ("prepare", "encode", "denoise", "render_loss", "backward", "optimizer")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class Bench:
+    """Device, precision and timing helpers shared by every measurement."""
+
+    def __init__(self, device: torch.device, bf16: bool, repeats: int, warmup: int):
+        self.device, self.bf16, self.repeats, self.warmup = device, bf16, repeats, warmup
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+    def median_s(self, fn) -> float:
+        for _ in range(self.warmup):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(self.repeats):
+            start = time.perf_counter()
+            fn()
+            self.sync()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+
+def random_rays(batch: int, count: int, box_half_size: float, generator: torch.Generator, device):
+    """Rays from a sphere of radius 3h around the box towards random points inside it (all hit)."""
+    origins = F.normalize(torch.randn(batch, count, 3, generator=generator), dim=-1) * 3 * box_half_size
+    aims = (torch.rand(batch, count, 3, generator=generator) * 2 - 1) * 0.9 * box_half_size
+    return origins.to(device), F.normalize(aims - origins, dim=-1).to(device)
+
+
+def bench_renderer(model: GOEmbedFusion, bench: Bench, batch: int, rays_per_object: int, views: int) -> dict:
+    renderer, device = model.renderer, bench.device
+    generator = torch.Generator().manual_seed(0)
+    origins, directions = random_rays(batch, rays_per_object, model.config.box_half_size, generator, device)
+    colours = torch.rand(batch, rays_per_object, 3, generator=generator).to(device)
+    background = torch.rand(batch, 3, generator=generator).to(device)
+    noise = torch.randn(batch, *renderer.representation.state_shape, generator=generator).to(device)
+    # A random state near what the denoiser outputs: noise for grids, a perturbed origin for the MLP.
+    state = renderer.representation.origin(batch, device=device) + (0.1 if model.config.representation == "mlp" else 1.0) * noise
+    params = [p for p in renderer.parameters() if p.requires_grad]
+
+    def forward():
+        with torch.no_grad(), bench.autocast():
+            renderer.render_rays(state, origins, directions, background)
+
+    leaf = state.clone().requires_grad_(True)
+
+    def forward_backward():
+        with bench.autocast():
+            out = renderer.render_rays(leaf, origins, directions, background)
+            loss = F.mse_loss(out.rgb, colours.to(out.rgb.dtype))
+        torch.autograd.grad(loss, [leaf, *params])
+
+    # GOEmbed over the same rays, seen as `views` views of rays_per_object / views rays each.
+    rays = RayBatch(origins, directions, colours, views)
+
+    def encode(create_graph: bool):
+        def run():
+            with bench.autocast():
+                goembed(renderer, rays, background, create_graph=create_graph,
+                        normalisation=model.config.goembed_normalisation)
+        return run
+
+    forward_s, forward_backward_s = bench.median_s(forward), bench.median_s(forward_backward)
+    goembed_s, goembed_graph_s = bench.median_s(encode(False)), bench.median_s(encode(True))
+    total_rays = batch * rays_per_object
+    return {
+        "render": {
+            "rays": total_rays, "samples_per_ray": renderer.samples_per_ray,
+            "forward_ms": round(forward_s * 1e3, 2), "forward_backward_ms": round(forward_backward_s * 1e3, 2),
+            "forward_rays_per_s": round(total_rays / forward_s), "forward_backward_rays_per_s": round(total_rays / forward_backward_s),
+        },
+        "goembed": {
+            "normalisation": model.config.goembed_normalisation, "views": views,
+            "ms": round(goembed_s * 1e3, 2), "create_graph_ms": round(goembed_graph_s * 1e3, 2),
+            "vs_forward": round(goembed_s / forward_s, 2), "create_graph_vs_forward": round(goembed_graph_s / forward_s, 2),
+            "forward_backward_vs_forward": round(forward_backward_s / forward_s, 2),
+        },
+    }
+
+
+def replica_forward(model: GOEmbedFusion, batch, generator: torch.Generator, mark) -> torch.Tensor:
+    """``GOEmbedFusion.forward`` step by step (same draws in the same order), calling ``mark(part)``
+    after each part. Must stay in step with the model: ``loss_matches_model`` checks it."""
+    config = model.config
+    device = batch.target_images.device
+    B = batch.target_images.shape[0]
+    draw = generator.device
+
+    def uniform(*shape):
+        return torch.rand(*shape, generator=generator, device=draw).to(device)
+
+    x0 = batch.target_images[:, 0] * 2 - 1
+    t = model.schedule.sample_timesteps(B, generator, device)
+    reconstruction = uniform(B) < config.reconstruction_prob
+    t = torch.where(reconstruction, torch.full_like(t, config.num_timesteps - 1), t)
+    noise = torch.randn(x0.shape, generator=generator, device=draw).to(device=device, dtype=x0.dtype)
+    x_t = model.schedule.q_sample(x0, t, noise)
+    keep_context = (uniform(B) >= config.context_dropout).to(x0.dtype)
+    context = Views(batch.context_images, batch.context_K, batch.context_c2w)
+    noisy = Views(((x_t + 1) / 2).unsqueeze(1), batch.target_K[:, :1], batch.target_c2w[:, :1])
+    encode_views = Views(torch.cat([context.images, noisy.images], 1), torch.cat([context.K, noisy.K], 1),
+                         torch.cat([context.c2w, noisy.c2w], 1))
+    view_weights = torch.cat([keep_context.unsqueeze(1).expand(-1, context.count), (~reconstruction).to(x0.dtype).unsqueeze(1)], 1)
+    mark("prepare")
+    encoding = model.encode(encode_views, batch.background, view_weights,
+                            create_graph=config.train_decoder_through_encoder and model.training)
+    mark("encode")
+    state = model.denoise(encoding, t)
+    mark("denoise")
+    loss = model._render_loss(state, Views(batch.target_images, batch.target_K, batch.target_c2w), batch.background, generator)
+    if context.count:
+        loss = loss + config.context_loss_weight * model._render_loss(state, context, batch.background, generator)
+    mark("render_loss")
+    return loss
+
+
+def bench_train_step(model: GOEmbedFusion, bench: Bench, batch) -> dict:
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)  # Adam + clipping, as experiment.fit
+
+    def seeded(seed: int) -> torch.Generator:
+        torch.manual_seed(seed)  # dropout in bigger presets draws from the global generator
+        return torch.Generator(device=bench.device).manual_seed(seed)
+
+    # Faithfulness: the replica's loss equals the model's for the same seeds (before any update).
+    with bench.autocast():
+        reference, _ = model(batch, generator=seeded(123))
+        replica = replica_forward(model, batch, seeded(123), lambda part: None)
+    difference = (reference.detach().float() - replica.detach().float()).abs().item()
+    del reference, replica
+
+    def step(seed: int) -> dict[str, float]:
+        generator = seeded(seed)
+        times: dict[str, float] = {}
+        bench.sync()
+        start = last = time.perf_counter()
+
+        def mark(part: str) -> None:
+            nonlocal last
+            bench.sync()
+            now = time.perf_counter()
+            times[part], last = now - last, now
+
+        optimizer.zero_grad(set_to_none=True)
+        with bench.autocast():
+            loss = replica_forward(model, batch, generator, mark)
+        loss.backward()
+        mark("backward")
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        mark("optimizer")
+        times["total"] = last - start
+        return times
+
+    for seed in range(bench.warmup):
+        step(seed)
+    if bench.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(bench.device)
+    else:
+        rss_before = reset_peak_rss()
+    runs = [step(1000 + seed) for seed in range(bench.repeats)]
+    ms = {name: statistics.median(run[name] for run in runs) * 1e3 for name in (*PARTS, "total")}
+    result = {
+        "ms": {name: round(value, 2) for name, value in ms.items()},
+        "fraction": {name: round(ms[name] / ms["total"], 3) for name in PARTS},
+        "objects_per_s": round(batch.num_objects / ms["total"] * 1e3, 2),
+        "loss_matches_model": difference <= (0.0 if bench.device.type == "cpu" else 1e-5),
+        "loss_abs_difference": difference,
+    }
+    if bench.device.type == "cuda":
+        result["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(bench.device) / 2**20, 1)
+    else:
+        result.update(rss_before_mb=rss_before, peak_rss_mb=peak_rss_mb())
+    return result
+
+
+def _status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(round(int(line.split()[1]) / 1024, 1) for line in f if line.startswith(field))
+    except (OSError, StopIteration):
+        return None
+
+
+def reset_peak_rss() -> float | None:
+    """Reset the process's peak RSS to its current RSS (Linux clear_refs 5); returns the RSS in MiB.
+
+    Memory the allocator kept from earlier phases stays in the baseline (``rss_before_mb``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return _status_mb("VmRSS:")
+
+
+def peak_rss_mb() -> float:
+    """Peak RSS since the last reset (VmHWM), else the process's lifetime maximum (ru_maxrss, KiB)."""
+    return _status_mb("VmHWM:") or round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--representation", choices=(*REPRESENTATIONS, "all"), default="all")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: bf16 on cuda, fp32 on cpu")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rays-per-object", type=int, default=4096, help="renderer and GOEmbed figures")
+    parser.add_argument("--objects", type=int, default=32)
+    parser.add_argument("--views", type=int, default=8)
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--context-views", type=int, default=3)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    bench = Bench(device, dtype == "bf16", args.repeats, args.warmup)
+    kinds = REPRESENTATIONS if args.representation == "all" else (args.representation,)
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-model-") as work:
+        log(f"generating {args.objects} objects x {args.views} views at {args.resolution} px")
+        summary = generate_dataset(os.path.join(work, "shards"), objects=args.objects, views=args.views,
+                                   resolution=args.resolution, seed=0, holdout_fraction=0.0, workers=1, progress=False)
+        reader = StreamingReader(ReaderConfig(summary["train_pattern"], batch_size=args.batch_size,
+                                              context_views_min=args.context_views, context_views_max=args.context_views,
+                                              target_views=1, num_workers=0, seed=0))
+        batch = next(iter(reader)).to(device)
+
+    result = {
+        "bench": "model", "device": device_name(device), "device_type": device.type, "dtype": dtype,
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "preset": args.preset,
+        "batch_size": batch.num_objects, "context_views": batch.num_context_views,
+        "image_resolution": list(batch.target_images.shape[-2:]), "repeats": args.repeats, "warmup": args.warmup,
+        "representations": {},
+    }
+    for kind in kinds:
+        torch.manual_seed(0)
+        model = GOEmbedFusion(ModelConfig(preset=args.preset, representation=kind)).to(device)
+        described = model.describe()
+        entry = {"parameters": described["parameters"], "state_shape": described["state_shape"],
+                 "encode_resolution": model.config.encode_resolution, "rays_per_view": model.rays_per_view}
+        log(f"{kind}: renderer and GOEmbed ({args.rays_per_object} rays/object)")
+        entry.update(bench_renderer(model, bench, batch.num_objects, args.rays_per_object, batch.num_context_views + 1))
+        log(f"{kind}: training step")
+        entry["train_step"] = bench_train_step(model, bench, batch)
+        result["representations"][kind] = entry
+    result["wall_s"] = round(time.perf_counter() - start, 1)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
