@@ -30,7 +30,8 @@ from model_zoo.diffusion import CosineSchedule, classifier_free_guidance
 from model_zoo.encodings import unprojection
 from model_zoo.goembed import NORMALISATIONS, RayBatch, goembed
 from model_zoo.presets import get_preset
-from model_zoo.rays import gather_pixels, random_pixel_indices, view_rays
+from model_zoo.lpips import LPIPS
+from model_zoo.rays import gather_pixels, patch_pixel_indices, random_pixel_indices, view_rays
 from model_zoo.renderer import FieldDecoder, VolumeRenderer
 from model_zoo.representations import build_representation
 from model_zoo.unet import build_denoiser
@@ -54,12 +55,17 @@ class ModelConfig:
     rays_per_view: int | None = None  # None: the preset's
     samples_per_ray: int | None = None  # None: the preset's
     mlp_hidden: int = 32  # the MLP representation's own width
+    lpips_weight: float = 0.0  # > 0 adds LPIPS on a rendered patch of the first target view
+    lpips_weights_path: str | None = None  # AlexNet + LPIPS heads (see lpips.py); never downloaded
+    lpips_patch_size: int = 32  # pixels; AlexNet needs >= 32
 
     def __post_init__(self):
         if self.encoder not in ("goembed", "unprojection", "zeros"):
             raise ValueError(f"ModelConfig.encoder must be goembed, unprojection or zeros, got {self.encoder!r}")
         if self.goembed_normalisation not in NORMALISATIONS:
             raise ValueError(f"ModelConfig.goembed_normalisation must be one of {NORMALISATIONS}, got {self.goembed_normalisation!r}")
+        if self.lpips_weight > 0 and not self.lpips_weights_path:
+            raise ValueError("ModelConfig.lpips_weights_path is required when lpips_weight > 0 (weights are never downloaded)")
         for name in ("context_dropout", "reconstruction_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"ModelConfig.{name} must be in [0, 1], got {getattr(self, name)}")
@@ -112,6 +118,7 @@ class GOEmbedFusion(nn.Module):
         self.denoiser = build_denoiser(kind, representation.state_shape, preset.denoiser_config(kind))
         self.schedule = CosineSchedule(config.num_timesteps)
         self.rays_per_view = config.rays_per_view or preset.rays_per_view
+        self.lpips = LPIPS(config.lpips_weights_path) if config.lpips_weight > 0 else None
 
     @property
     def representation(self):
@@ -184,8 +191,26 @@ class GOEmbedFusion(nn.Module):
             context_mse = self._render_loss(state, context, batch.background, generator)
             loss = loss + config.context_loss_weight * context_mse
             metrics["context_mse"] = context_mse.detach()
+        if self.lpips is not None:
+            perceptual = self._lpips_loss(state, batch, generator)
+            loss = loss + config.lpips_weight * perceptual
+            metrics["lpips"] = perceptual.detach()
         metrics["loss"] = loss.detach()
         return loss, metrics
+
+    def _lpips_loss(self, state: torch.Tensor, batch, generator: torch.Generator | None) -> torch.Tensor:
+        """LPIPS between a rendered square patch of the first target view and the same pixels."""
+        images = batch.target_images[:, :1]
+        batch_size, _, _, height, width = images.shape
+        size = min(self.config.lpips_patch_size, height, width)
+        indices = patch_pixel_indices(batch_size, 1, height, width, size, generator,
+                                      generator.device if generator is not None else images.device).to(images.device)
+        origins, directions = view_rays(batch.target_K[:, :1], batch.target_c2w[:, :1], height, width, indices)
+        out = self.renderer.render_rays(state, origins[:, 0], directions[:, 0], batch.background,
+                                        stratified=self.training, generator=generator)
+        rendered = out.rgb.reshape(batch_size, size, size, 3).permute(0, 3, 1, 2)
+        truth = gather_pixels(images, indices)[:, 0].reshape(batch_size, size, size, 3).permute(0, 3, 1, 2)
+        return self.lpips(rendered, truth.to(rendered.dtype)).mean()
 
     def _render_loss(self, state: torch.Tensor, views: Views, background: torch.Tensor,
                      generator: torch.Generator | None) -> torch.Tensor:

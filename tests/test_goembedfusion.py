@@ -131,3 +131,30 @@ def test_it_learns_and_goembed_beats_a_zero_encoding(dataset):
     assert goembed["objects"] == 16
     assert goembed["psnr"] > goembed["baseline_mean_colour_psnr"] + 3.0
     assert goembed["psnr"] > zeros["psnr"] + 0.5
+
+
+def test_lpips_from_a_configured_weights_file(dataset, tmp_path):
+    from model_zoo.lpips import LPIPS
+
+    # Random weights in the documented file layout: nothing is downloaded, ever.
+    reference = LPIPS()
+    torch.nn.init.uniform_(reference.heads[0].weight, 0.0, 1.0)
+    state = {key.replace("net.", "", 1): value for key, value in reference.state_dict().items() if key.startswith("net.")}
+    state.update({f"lin{i}.model.1.weight": head.weight.abs() for i, head in enumerate(reference.heads)})
+    path = tmp_path / "lpips_alex.pt"
+    torch.save(state, path)
+    lpips = LPIPS(str(path))
+    a = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(lpips(a, a), torch.zeros(2))
+    noisy = (a + 0.2 * torch.randn_like(a)).clamp(0, 1)
+    assert (lpips(a, noisy) > 0).all()
+    with pytest.raises(ValueError, match="lpips_weights_path"):
+        ModelConfig(lpips_weight=0.2)
+    model = GOEmbedFusion(ModelConfig(encode_resolution=16, rays_per_view=64, lpips_weight=0.2, lpips_weights_path=str(path)))
+    loss, metrics = model(first_batch(dataset[0]), generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert metrics["lpips"] > 0 and torch.isfinite(loss)
+    bad = tmp_path / "bad.pt"
+    torch.save({"something": torch.zeros(1)}, bad)
+    with pytest.raises(ValueError, match="lack"):
+        LPIPS(str(bad))
