@@ -19,7 +19,7 @@ The module knows nothing of DeepSpeed: ``forward(batch) -> (loss, metrics)`` is 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import torch
@@ -101,7 +101,7 @@ class Views:
 
 
 class GOEmbedFusion(nn.Module):
-    def __init__(self, config: ModelConfig | None = None):
+    def __init__(self, config: ModelConfig | None = None, activation_checkpointing: bool = False):
         super().__init__()
         self.config = config = config or ModelConfig()
         preset = get_preset(config.preset)
@@ -115,7 +115,10 @@ class GOEmbedFusion(nn.Module):
         decoder = FieldDecoder(representation.feature_dim, preset.decoder_hidden, preset.decoder_layers)
         self.renderer = VolumeRenderer(representation, decoder, config.samples_per_ray or preset.samples_per_ray,
                                        config.box_half_size)
-        self.denoiser = build_denoiser(kind, representation.state_shape, preset.denoiser_config(kind))
+        denoiser_config = preset.denoiser_config(kind)
+        if activation_checkpointing:  # recompute U-Net activations in backward: memory for compute
+            denoiser_config = replace(denoiser_config, use_checkpoint=True)
+        self.denoiser = build_denoiser(kind, representation.state_shape, denoiser_config)
         self.schedule = CosineSchedule(config.num_timesteps)
         self.rays_per_view = config.rays_per_view or preset.rays_per_view
         self.lpips = LPIPS(config.lpips_weights_path) if config.lpips_weight > 0 else None
@@ -260,13 +263,13 @@ class GOEmbedFusion(nn.Module):
 
     def _predict(self, noisy: Views, context: Views | None, background: torch.Tensor, t: torch.Tensor,
                  guidance_scale: float) -> torch.Tensor:
-        unconditional = self.denoise(self.encode(noisy, background), t)
         if context is None or context.count == 0:
-            return unconditional
+            return self.denoise(self.encode(noisy, background), t)
         both = context.resized(noisy.images.shape[-1]).join(noisy)
         conditional = self.denoise(self.encode(both, background), t)
-        if guidance_scale == 1.0:
+        if guidance_scale == 1.0:  # no guidance: the unconditional pass would be thrown away
             return conditional
+        unconditional = self.denoise(self.encode(noisy, background), t)
         return classifier_free_guidance(conditional, unconditional, guidance_scale)
 
     def describe(self) -> dict:

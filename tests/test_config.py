@@ -1,0 +1,189 @@
+"""The run config: strict loading (unknown keys, types, values), overrides, saving without secrets."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import fsspec
+import pytest
+import yaml
+
+from data_pipeline.reader import ReaderConfig
+from trainer.config import (
+    ConfigError,
+    RunConfig,
+    config_hash,
+    load_config,
+    save_config,
+    to_dict,
+    validate,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny_cpu.yaml")
+
+
+def write_yaml(path: Path, data: dict) -> str:
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_defaults_validate():
+    config = RunConfig()
+    validate(config)
+    assert config.model.preset == "tiny" and config.distributed.zero_stage == 2
+    assert RunConfig.from_dict({}) == config
+
+
+def test_tiny_cpu_yaml_loads():
+    config = load_config(TINY, [])
+    assert (config.model.preset, config.model.representation) == ("tiny", "triplane")
+    assert (config.distributed.precision, config.distributed.zero_stage, config.train.device) == ("fp32", 2, "cpu")
+    assert config.data.train_urls == "data/synthetic/train-*.tar"
+    assert 100 <= config.train.max_steps <= 1000
+
+
+def test_yaml_and_overrides_round_trip(tmp_path):
+    path = write_yaml(tmp_path / "run.yaml", {"optim": {"lr": 1e-3}, "data": {"batch_size": 2}})
+    config = load_config(path, ["train.max_steps=7", "optim.betas=[0.5, 0.9]", "data.holdout_urls=null",
+                                "log.tensorboard=false", "optim.weight_decay=1e-2", "model.encoder=zeros"])
+    assert config.train.max_steps == 7
+    assert config.optim.lr == 1e-3 and config.optim.weight_decay == 0.01
+    assert config.optim.betas == (0.5, 0.9)  # a YAML list becomes the annotated tuple
+    assert config.data.batch_size == 2 and config.data.holdout_urls is None
+    assert config.log.tensorboard is False and config.model.encoder == "zeros"
+
+    saved = str(tmp_path / "saved.yaml")
+    save_config(config, saved)
+    again = load_config(saved, [])
+    assert again == config
+    assert config_hash(again) == config_hash(config)
+    assert config_hash(config) != config_hash(RunConfig())
+
+
+def test_overrides_without_file():
+    config = load_config(None, ["train.max_steps=7", "run_dir=runs/x", "optim.lr=1"])
+    assert config.train.max_steps == 7 and config.run_dir == "runs/x"
+    assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float)  # ints are fine floats
+
+
+def test_unknown_fields_name_the_dotted_path_and_suggest(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config field 'optim\.lrr' \(did you mean 'optim\.lr'\?\)"):
+        RunConfig.from_dict({"optim": {"lrr": 1e-3}})
+    with pytest.raises(ConfigError, match=r"'model\.encodr'.*'model\.encoder'"):
+        load_config(write_yaml(tmp_path / "bad.yaml", {"model": {"encodr": "goembed"}}), [])
+    with pytest.raises(ConfigError, match=r"'optim\.lrr'.*'optim\.lr'"):
+        load_config(None, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match=r"'trian'.*'train'"):
+        load_config(None, ["trian.max_steps=1"])
+    with pytest.raises(ConfigError, match=r"train\.max_steps is not a section"):
+        load_config(None, ["train.max_steps.x=1"])
+
+
+def test_malformed_override_names_it():
+    with pytest.raises(ConfigError, match="train.max_steps7"):
+        load_config(None, ["train.max_steps7"])
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.max_steps=abc", ["train.max_steps", "int", "abc"]),
+    ("train.max_steps=2.5", ["train.max_steps", "int", "2.5"]),
+    ("distributed.activation_checkpointing=3", ["distributed.activation_checkpointing", "bool", "3"]),
+    ("distributed.activation_checkpointing='yes'", ["distributed.activation_checkpointing", "bool", "yes"]),
+    ("optim.lr=true", ["optim.lr", "float", "True"]),
+    ("optim.betas=[0.9]", ["optim.betas", "2 items"]),
+    ("optim.betas=0.9", ["optim.betas", "tuple"]),
+    ("data.resolution=big", ["data.resolution", "int | None", "big"]),
+    ("data.storage_options=5", ["data.storage_options", "dict"]),
+    ("distributed.precision=fp8", ["distributed.precision", "fp16", "fp8"]),
+    ("data=3", ["data", "mapping"]),
+])
+def test_wrong_types_name_field_and_type(override, words):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    for word in words:
+        assert word in str(error.value)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("distributed.zero_stage=5", ["distributed.zero_stage must be 0, 1, 2 or 3, got 5"]),
+    ("optim.lr=-1", ["optim.lr must be > 0"]),
+    ("train.max_steps=0", ["train.max_steps must be >= 1"]),
+    ("checkpoint.keep_last=0", ["checkpoint.keep_last must be >= 1"]),
+    ("log.every_steps=0", ["log.every_steps must be >= 1"]),
+    ("data.context_views_min=4", ["data.context_views_min", "data.context_views_max"]),
+    ("model.encoder=magic", ["model.encoder", "magic"]),
+    ("model.goembed_normalisation=magic", ["model.goembed_normalisation", "magic"]),
+    ("model.context_dropout=2", ["model.context_dropout"]),
+    ("model.preset=huge", ["model.preset", "huge"]),
+    ("model.representation=mesh", ["model.representation", "mesh"]),
+    ("distributed.backend=ncll", ["distributed.backend", "ncll"]),
+])
+def test_bad_values_name_the_field(override, words):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_validate_reports_every_problem_and_rechecks_edits():
+    config = RunConfig()
+    config.optim.lr = 0.0
+    config.train.max_steps = 0
+    config.model.encoder = "magic"  # edited after ModelConfig.__post_init__ ran
+    with pytest.raises(ConfigError) as error:
+        validate(config)
+    message = str(error.value)
+    assert "optim.lr" in message and "train.max_steps" in message and "model.encoder" in message
+    assert "ModelConfig" not in message
+
+
+def test_secrets_never_reach_the_saved_file(tmp_path):
+    secret = "wJalrXUtnFEMI-very-secret"
+    config = load_config(TINY, [f"data.storage_options.secret={secret}", "data.storage_options.key=AKIAEXAMPLE",
+                                "data.storage_options.endpoint_url=http://127.0.0.1:8333"])
+    assert config.data.storage_options["secret"] == secret  # the live config keeps it for the reader
+    path = tmp_path / "saved.yaml"
+    save_config(config, str(path))
+    text = path.read_text()
+    assert secret not in text and "AKIAEXAMPLE" not in text
+    assert "http://127.0.0.1:8333" in text  # not a secret
+
+    # Reloading drops the redacted values (the environment then supplies credentials).
+    again = load_config(str(path), [])
+    assert again.data.storage_options == {"endpoint_url": "http://127.0.0.1:8333"}
+    # Credentials do not change a run's identity.
+    assert config_hash(config) == config_hash(again)
+
+
+def test_to_dict_is_plain_and_redaction_touches_nothing_else():
+    config = RunConfig()
+    raw = to_dict(config)
+    assert raw["optim"]["betas"] == [0.9, 0.99]
+    assert yaml.safe_load(yaml.safe_dump(raw)) == raw
+    # No regular field looks like a secret to storage.redact, so only credentials are hidden.
+    assert raw == to_dict(config, redact_secrets=False)
+
+
+def test_save_config_to_a_url():
+    config = load_config(None, ["train.max_steps=11", "data.storage_options.token=tok-123"])
+    url = "memory://configs-test/run/config.yaml"
+    save_config(config, url)
+    with fsspec.open(url, "r") as f:
+        text = f.read()
+    assert "tok-123" not in text
+    assert load_config(url, []).train.max_steps == 11
+
+
+def test_reader_config():
+    data = load_config(None, ["data.batch_size=2", "data.storage_options.endpoint_url=http://x"]).data
+    reader = data.reader_config(seed=5)
+    assert isinstance(reader, ReaderConfig)
+    assert (reader.urls, reader.batch_size, reader.seed, reader.shuffle) == (data.train_urls, 2, 5, True)
+    assert reader.resolution == data.resolution and reader.storage_options == {"endpoint_url": "http://x"}
+    holdout = data.reader_config(seed=5, holdout=True)
+    assert holdout.urls == data.holdout_urls and not holdout.shuffle and not holdout.drop_last
+    assert RunConfig().data.reader_config(0).storage_options is None  # the environment decides
+    with pytest.raises(ConfigError, match="holdout_urls"):
+        dataclasses.replace(data, holdout_urls=None).reader_config(0, holdout=True)

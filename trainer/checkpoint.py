@@ -1,0 +1,218 @@
+"""Checkpoints: DeepSpeed shards + per-rank trainer state, a manifest, and a ``latest`` pointer.
+
+Layout of ``<dir>/step_00000100/``:
+
+    <DeepSpeed files>              engine.save_checkpoint (model, optimizer, scheduler; sharded)
+    trainer_rank00000.pt ...       per rank: step, reader state, RNG states, EMA (weights only)
+    config.yaml                    the run config, credentials removed
+    MANIFEST.json                  every file and its size, written after every rank finished
+
+``<dir>/latest`` names the newest complete tag and is written last, by rank 0, after a barrier
+and after the manifest: a crash at any point of a save leaves ``latest`` on the previous
+complete checkpoint. Loading checks the manifest (a missing or truncated rank shard is refused
+with a message naming it). ``dir`` may be any fsspec URL (s3://...): files are written to a
+local staging directory and uploaded by each node's local rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from data_pipeline import storage
+from trainer.distributed import DistEnv, barrier
+
+MANIFEST = "MANIFEST.json"
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says which file or rank."""
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rank_file(rank: int) -> str:
+    return f"trainer_rank{rank:05d}.pt"
+
+
+@dataclass
+class TrainerState:
+    """What one rank needs, beyond DeepSpeed's shards, to continue exactly."""
+
+    step: int
+    reader: dict
+    rng: dict
+    ema: dict[str, torch.Tensor] | None
+    nonfinite_steps: int = 0
+
+
+def capture_rng(generator: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "generator": generator.get_state(),
+             "numpy": json.dumps(_jsonable(np.random.get_state())), "python": json.dumps(_jsonable(random.getstate()))}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    numpy_state = json.loads(state["numpy"])
+    np.random.set_state((numpy_state[0], np.array(numpy_state[1], dtype=np.uint32), *numpy_state[2:]))
+    python_state = json.loads(state["python"])
+    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _jsonable(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+class Checkpointer:
+    def __init__(self, url: str, env: DistEnv, keep_last: int = 3, storage_options: dict | None = None,
+                 staging_root: str | None = None):
+        self.url, self.env, self.keep_last = url.rstrip("/"), env, keep_last
+        self.storage_options = storage_options
+        self.local = storage.is_local(url)
+        self.staging_root = staging_root or tempfile.gettempdir()
+
+    # -- paths -----------------------------------------------------------------------------------
+    def _local_dir(self, tag: str) -> str:
+        if self.local:
+            return os.path.join(storage.local_path(self.url), tag)
+        return os.path.join(self.staging_root, "goembed-ckpt-staging", storage.basename(self.url) or "ckpt", tag)
+
+    def latest_tag(self) -> str | None:
+        url = storage.join(self.url, LATEST)
+        if not storage.exists(url, self.storage_options):
+            return None
+        with storage.open_url(url, "rb", self.storage_options) as f:
+            return f.read().decode().strip() or None
+
+    # -- save --------------------------------------------------------------------------------------
+    def save(self, engine, state: TrainerState, config_yaml: str) -> str:
+        tag = tag_for(state.step)
+        local_dir = self._local_dir(tag)
+        parent = os.path.dirname(local_dir)
+        if self.env.is_main and os.path.isdir(local_dir):  # leftovers of a crashed save of this step
+            shutil.rmtree(local_dir)
+        barrier()
+        os.makedirs(local_dir, exist_ok=True)
+        engine.save_checkpoint(parent, tag=tag, save_latest=False)
+        torch.save(state.__dict__, os.path.join(local_dir, rank_file(self.env.rank)))
+        if self.env.is_main:
+            with open(os.path.join(local_dir, "config.yaml"), "w") as f:
+                f.write(config_yaml)
+        barrier()  # every rank's files are on (node-local) disk
+        if self.env.is_main:
+            self._write_manifest(local_dir, state.step)
+        barrier()
+        if not self.local and self.env.local_rank == 0:
+            self._upload(local_dir, tag)
+        barrier()  # every node uploaded
+        if self.env.is_main:
+            self._write_latest(tag)
+            self._prune(tag)
+        barrier()
+        return tag
+
+    def _write_manifest(self, local_dir: str, step: int) -> None:
+        files = {}
+        for root, _, names in os.walk(local_dir):
+            for name in names:
+                path = os.path.join(root, name)
+                files[os.path.relpath(path, local_dir)] = os.path.getsize(path)
+        manifest = {"step": step, "world_size": self.env.world_size, "files": files}
+        tmp = os.path.join(local_dir, MANIFEST + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(manifest, f, indent=1, sort_keys=True)
+        os.replace(tmp, os.path.join(local_dir, MANIFEST))
+
+    def _upload(self, local_dir: str, tag: str) -> None:
+        fs, base = storage.filesystem(self.url, self.storage_options)
+        for root, _, names in os.walk(local_dir):
+            for name in sorted(names, key=lambda n: n == MANIFEST):  # the manifest goes up last
+                path = os.path.join(root, name)
+                fs.put(path, base + "/" + tag + "/" + os.path.relpath(path, local_dir).replace(os.sep, "/"))
+
+    def _write_latest(self, tag: str) -> None:
+        url = storage.join(self.url, LATEST)
+        if self.local:  # atomic rename: a reader never sees a half-written pointer
+            path = storage.local_path(url)
+            with open(path + ".tmp", "w") as f:
+                f.write(tag + "\n")
+            os.replace(path + ".tmp", path)
+        else:  # an object store's PUT is atomic
+            with storage.open_url(url, "wb", self.storage_options) as f:
+                f.write((tag + "\n").encode())
+
+    def _prune(self, newest: str) -> None:
+        fs, base = storage.filesystem(self.url, self.storage_options)
+        tags = sorted(name.rsplit("/", 1)[-1] for name in fs.ls(base, detail=False) if name.rsplit("/", 1)[-1].startswith("step_"))
+        complete = [t for t in tags if t <= newest]
+        for tag in complete[:-self.keep_last] if self.keep_last else []:
+            fs.rm(base + "/" + tag, recursive=True)
+        # Incomplete saves newer than `latest` (a crash mid-save) are removed too: never resumed from.
+        for tag in tags:
+            if tag > newest:
+                fs.rm(base + "/" + tag, recursive=True)
+
+    # -- load --------------------------------------------------------------------------------------
+    def verify(self, tag: str) -> dict:
+        """The manifest of ``tag`` after checking every listed file exists with its size."""
+        fs, base = storage.filesystem(self.url, self.storage_options)
+        manifest_url = f"{base}/{tag}/{MANIFEST}"
+        if not fs.exists(manifest_url):
+            raise CheckpointError(f"checkpoint {self.url}/{tag} has no {MANIFEST}: it was never completed")
+        with fs.open(manifest_url, "rb") as f:
+            manifest = json.loads(f.read().decode())
+        for name, size in manifest["files"].items():
+            path = f"{base}/{tag}/{name}"
+            if not fs.exists(path):
+                raise CheckpointError(f"checkpoint {self.url}/{tag} is missing {name} (a rank's shard); refusing to resume from it")
+            if fs.size(path) != size:
+                raise CheckpointError(f"checkpoint {self.url}/{tag}: {name} has {fs.size(path)} bytes, the manifest says {size}")
+        for rank in range(manifest["world_size"]):
+            if rank_file(rank) not in manifest["files"]:
+                raise CheckpointError(f"checkpoint {self.url}/{tag} has no trainer state for rank {rank}")
+        return manifest
+
+    def load(self, engine, tag: str | None = None) -> tuple[list[TrainerState], str]:
+        """Load DeepSpeed state into ``engine``; returns (every saved rank's TrainerState, tag)."""
+        tag = tag or self.latest_tag()
+        if tag is None:
+            raise CheckpointError(f"no checkpoint in {self.url} (no '{LATEST}' file)")
+        manifest = self.verify(tag)
+        local_dir = self._local_dir(tag)
+        if not self.local and self.env.local_rank == 0:
+            fs, base = storage.filesystem(self.url, self.storage_options)
+            os.makedirs(local_dir, exist_ok=True)
+            for name in manifest["files"]:
+                target = os.path.join(local_dir, name)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                fs.get(f"{base}/{tag}/{name}", target)
+        barrier()
+        load_path, _ = engine.load_checkpoint(os.path.dirname(local_dir), tag=tag, load_module_strict=True,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed could not load {self.url}/{tag}")
+        states = [TrainerState(**torch.load(os.path.join(local_dir, rank_file(rank)), map_location="cpu", weights_only=True))
+                  for rank in range(manifest["world_size"])]
+        return states, tag

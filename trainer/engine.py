@@ -1,0 +1,51 @@
+"""The DeepSpeed engine over the composed model: config, optimizer, warm-up + cosine schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from model_zoo.goembedfusion import GOEmbedFusion
+from trainer.config import RunConfig
+
+
+def deepspeed_config(config: RunConfig) -> dict:
+    """DeepSpeed's JSON config, derived from the run config (the only place it is written)."""
+    distributed = config.distributed
+    ds = {
+        "train_micro_batch_size_per_gpu": config.data.batch_size,
+        "gradient_accumulation_steps": distributed.gradient_accumulation_steps,
+        "gradient_clipping": config.optim.grad_clip,
+        "zero_optimization": {"stage": distributed.zero_stage},
+        "steps_per_print": 10**9,  # our logger reports; DeepSpeed's own prints would interleave
+        "wall_clock_breakdown": False,
+    }
+    if distributed.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif distributed.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}  # dynamic loss scaling
+    return ds
+
+
+def lr_multiplier(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
+    """Linear warm-up from ~0 to 1 over ``warmup_steps``, then cosine decay to ``min_ratio``."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_engine(config: RunConfig, device: torch.device):
+    """(engine, model) with a torch AdamW (DeepSpeed's "Adam" type would JIT-compile FusedAdam on CPU)."""
+    import deepspeed
+
+    model = GOEmbedFusion(config.model, activation_checkpointing=config.distributed.activation_checkpointing).to(device)
+    optim = config.optim
+    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                                  weight_decay=optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, optim.lr_warmup_steps, config.train.max_steps, optim.lr_min_ratio))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(config))
+    return engine, model
