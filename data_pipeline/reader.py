@@ -202,9 +202,13 @@ class _SlotStream(torch.utils.data.IterableDataset):
         since_last_emit = 0
         needed = config.context_views_max + config.target_views
         while state.batches < len(sizes):
-            # Draw this batch's number of context views before reading, so it does not depend on I/O.
-            rng = np.random.default_rng([config.seed, plan.epoch, slot, state.batches, 0x7E5])
-            k = int(rng.integers(config.context_views_min, config.context_views_max + 1))
+            # The number of context views depends only on the rank-level batch number, not on the
+            # rank: every rank's n-th batch has the same k, so ranks run the same computation
+            # (ZeRO-3 gathers parameters per module call: diverging calls would deadlock).
+            rank_batch = state.batches * self.workers + slot % self.workers
+            k_rng = np.random.default_rng([config.seed, plan.epoch, rank_batch, 0x7E5])
+            k = int(k_rng.integers(config.context_views_min, config.context_views_max + 1))
+            rng = np.random.default_rng([config.seed, plan.epoch, slot, state.batches, 0x71E])  # which views
             pending: list[_LoadedObject] = []
             while len(pending) < sizes[state.batches]:
                 if since_last_emit >= run_length:

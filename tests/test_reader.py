@@ -349,3 +349,13 @@ def test_state_saved_after_the_last_batch_resumes_at_the_next_epoch(tmp_path):
     resumed = StreamingReader(ReaderConfig(**settings))
     resumed.load_state_dict(reader.state_dict())
     assert [fingerprint(b) for b in resumed] == second != first
+
+
+def test_every_rank_draws_the_same_number_of_context_views_per_batch(tmp_path):
+    pattern = write_toy_shards(str(tmp_path), [7, 9, 8])
+    per_rank = []
+    for rank in range(2):
+        reader = StreamingReader(ReaderConfig(pattern, batch_size=2, context_views_min=0, context_views_max=3,
+                                              target_views=1, num_workers=2, seed=4), rank, 2)
+        per_rank.append([b.num_context_views for b in reader])
+    assert per_rank[0] == per_rank[1] and len(set(per_rank[0])) > 1

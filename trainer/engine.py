@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import warnings
+from dataclasses import replace
 
 import torch
 
@@ -40,7 +42,16 @@ def build_engine(config: RunConfig, device: torch.device):
     """(engine, model) with a torch AdamW (DeepSpeed's "Adam" type would JIT-compile FusedAdam on CPU)."""
     import deepspeed
 
-    model = GOEmbedFusion(config.model, activation_checkpointing=config.distributed.activation_checkpointing).to(device)
+    model_config = config.model
+    if config.distributed.zero_stage == 3 and model_config.train_decoder_through_encoder:
+        # GOEmbed's second-order graph (create_graph=True) reads ψ's weights during backward,
+        # outside the module hooks through which ZeRO-3 gathers partitioned parameters; DeepSpeed
+        # 0.19 then fails in backward ("size of tensor a (0) ..."), even with ψ kept persistent.
+        # Under ZeRO-3, ψ learns from the rendering loss only.
+        warnings.warn("distributed.zero_stage=3: model.train_decoder_through_encoder is turned off "
+                      "(no second-order path through GOEmbed under ZeRO-3)")
+        model_config = replace(model_config, train_decoder_through_encoder=False)
+    model = GOEmbedFusion(model_config, activation_checkpointing=config.distributed.activation_checkpointing).to(device)
     optim = config.optim
     optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                                   weight_decay=optim.weight_decay)

@@ -66,7 +66,7 @@ def train(config: RunConfig) -> str:
             print(f"resumed from {checkpoints.url}/{checkpoints.latest_tag()} at step {step}", file=sys.stderr)
 
     metrics_log = MetricsLogger(run_dir, enabled=env.is_main, tensorboard=config.log.tensorboard)
-    metrics_log.truncate_after(step)
+    metrics_log.truncate_after(step + 1)  # keep what was logged up to the checkpoint, drop the rest
     bar = ProgressBar(config.train.max_steps, step, enabled=env.is_main)
     config_yaml = yaml.safe_dump(to_dict(config), sort_keys=False)
     data = endless(reader)
