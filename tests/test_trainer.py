@@ -143,3 +143,17 @@ def test_local_launcher_leaves_a_complete_run_directory(shards, tmp_path):
         assert key in record
     with open(os.path.join(run_dir, "config.yaml")) as f:
         assert "max_steps: 4" in f.read()
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(shards, tmp_path):
+    run_dir = str(tmp_path / "diverging")
+    # An absurd learning rate: the first update sends the weights to ~1e30 and the loss to NaN.
+    process = launch(settings(shards, run_dir, **{"optim.lr": 1e30, "optim.lr_warmup_steps": 0, "optim.grad_clip": 0,
+                                                  "train.max_nonfinite_steps": 3, "checkpoint.every_steps": 100}))
+    _, err = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert "3 non-finite steps in a row (train.max_nonfinite_steps=3)" in err
+    assert "the step was skipped (1 in a row" in err
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert records[0]["nonfinite_steps"] == 0 and records[-1]["nonfinite_steps"] == 3
