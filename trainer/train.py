@@ -100,9 +100,6 @@ def train(config: RunConfig) -> str:
             if env.is_main:
                 log.warning("step %d: non-finite loss or gradients; the step was skipped (%d in a row, %d in all)",
                             step, nonfinite_in_a_row, nonfinite_total)
-            if nonfinite_in_a_row >= config.train.max_nonfinite_steps:
-                raise NonFiniteError(f"{nonfinite_in_a_row} non-finite steps in a row (train.max_nonfinite_steps="
-                                     f"{config.train.max_nonfinite_steps}); last metrics: {metrics}")
 
         seconds = time.perf_counter() - step_start
         for key, value in (("seconds", seconds), ("data_seconds", data_seconds), ("objects", objects), ("rays", rays), ("steps", 1)):
@@ -120,6 +117,10 @@ def train(config: RunConfig) -> str:
                 record[f"peak_memory_mb_rank{rank}"] = megabytes
             metrics_log.log(step, record)
             window = dict.fromkeys(window, 0.0)
+        if nonfinite_in_a_row >= config.train.max_nonfinite_steps:  # after logging: the count is in metrics.jsonl
+            raise NonFiniteError(f"{nonfinite_in_a_row} non-finite steps in a row (train.max_nonfinite_steps="
+                                 f"{config.train.max_nonfinite_steps}); last metrics: "
+                                 f"{ {name: float(value) for name, value in metrics.items()} }")
         if holdout is not None and (step % config.log.preview_every_steps == 0 or step == config.train.max_steps):
             write_previews(model, holdout, env, os.path.join(run_dir, "previews"), step, config.log.turntable_frames)
         if step % config.checkpoint.every_steps == 0 or step == config.train.max_steps:
