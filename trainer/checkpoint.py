@@ -165,6 +165,7 @@ class Checkpointer:
 
     def _prune(self, newest: str) -> None:
         fs, base = storage.filesystem(self.url, self.storage_options)
+        fs.invalidate_cache()  # object-store listings are cached per process; this one must be fresh
         tags = sorted(name.rsplit("/", 1)[-1] for name in fs.ls(base, detail=False) if name.rsplit("/", 1)[-1].startswith("step_"))
         complete = [t for t in tags if t <= newest]
         for tag in complete[:-self.keep_last] if self.keep_last else []:
