@@ -20,7 +20,7 @@ The module knows nothing of DeepSpeed: ``forward(batch) -> (loss, metrics)`` is 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -160,9 +160,15 @@ class GOEmbedFusion(nn.Module):
         return out.rgb.reshape(batch, count, height, width, 3).permute(0, 1, 4, 2, 3)
 
     # -- training ------------------------------------------------------------------------------
-    def forward(self, batch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The GOEmbedFusion loss of a :class:`data_pipeline.reader.ViewBatch` (or anything shaped like one)."""
+    def forward(self, batch, generator: torch.Generator | None = None,
+                on_part: Callable[[str], None] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The GOEmbedFusion loss of a :class:`data_pipeline.reader.ViewBatch` (or anything shaped like one).
+
+        ``on_part(name)`` is called after each part ("prepare", "encode", "denoise", "render_loss"),
+        so a benchmark can time them without a copy of this method.
+        """
         config = self.config
+        mark = on_part or (lambda name: None)
         device = batch.target_images.device
         B = batch.target_images.shape[0]
         draw = generator.device if generator is not None else device
@@ -182,9 +188,12 @@ class GOEmbedFusion(nn.Module):
         noisy = Views(((x_t + 1) / 2).unsqueeze(1), batch.target_K[:, :1], batch.target_c2w[:, :1])
         encode_views = context.join(noisy)
         view_weights = torch.cat([keep_context.unsqueeze(1).expand(-1, context.count), (~reconstruction).to(x0.dtype).unsqueeze(1)], 1)
+        mark("prepare")
         encoding = self.encode(encode_views, batch.background, view_weights,
                                create_graph=config.train_decoder_through_encoder and self.training)
+        mark("encode")
         state = self.denoise(encoding, t)
+        mark("denoise")
 
         target_mse = self._render_loss(state, Views(batch.target_images, batch.target_K, batch.target_c2w), batch.background, generator)
         metrics = {"target_mse": target_mse.detach(), "t_mean": t.float().mean(),
@@ -198,6 +207,7 @@ class GOEmbedFusion(nn.Module):
             perceptual = self._lpips_loss(state, batch, generator)
             loss = loss + config.lpips_weight * perceptual
             metrics["lpips"] = perceptual.detach()
+        mark("render_loss")
         metrics["loss"] = loss.detach()
         return loss, metrics
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+import torch
 
 from data_pipeline.local_s3 import LocalS3Server
 
@@ -34,3 +35,14 @@ def s3_env(s3_server, monkeypatch):
     monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     return s3_server
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors on 2 shared cores: a second intra-op thread only adds sync overhead, which turns
+    into multi-second stalls when other jobs share the machine. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

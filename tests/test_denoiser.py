@@ -27,14 +27,7 @@ def timesteps(batch: int) -> torch.Tensor:
     return torch.linspace(0, 999, batch).long()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: extra intra-op threads only add sync overhead, which turns into
-    multi-second stalls when other jobs share the (2-core) machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)

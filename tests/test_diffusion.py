@@ -12,14 +12,7 @@ from model_zoo.diffusion import CosineSchedule, classifier_free_guidance
 T = 1000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: extra intra-op threads only add sync overhead, which turns into
-    multi-second stalls when other jobs share the (2-core) machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

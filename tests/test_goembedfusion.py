@@ -15,13 +15,7 @@ from model_zoo.experiment import FitConfig, evaluate_novel_views, fit
 from model_zoo.goembedfusion import GOEmbedFusion, ModelConfig, Views
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny ops on 2 shared cores: a second OpenMP thread mostly waits (and is 10x slower when busy).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
