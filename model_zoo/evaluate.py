@@ -1,0 +1,316 @@
+"""Held-out evaluation of a GOEmbedFusion model: reconstruction (PSNR/SSIM/LPIPS) and generation (FID/KID).
+
+    python -m model_zoo.evaluate --model DIR --data 'data/synthetic/holdout-*.tar' --task both --out results.json
+    torchrun --nproc_per_node 4 -m model_zoo.evaluate ...      # each rank evaluates its share
+
+**Which views.** Every object's views are read (all of them, sorted by stored index) and the
+context / target / evaluation views are drawn from an RNG seeded by (seed, object id). The
+reader's own view draw depends on the reader slot (rank x worker), which would make the numbers
+depend on the world size; this way they do not, at the cost of decoding every view. The
+evaluation therefore assumes every object has as many views as the first one (objects with fewer
+are skipped by the reader and counted).
+
+**Which objects.** Shards in file order (no shuffling), split over ranks by the reader
+(``drop_last=False``: every object is read; its few padding repeats are dropped by object id).
+``max_objects`` takes the first N objects in that order, whatever the world size.
+
+**Resolution.** Views are read at ``resolution`` (the reader resizes them and scales the
+intrinsics). Reconstruction: the model encodes the context views at its own ``encode_resolution``
+(it resizes them itself); the target view is rendered and scored at ``resolution``. Generation:
+the real views and the sample's renders are both at ``resolution`` (OmniObject3D: 128), and the
+feature extractor resizes to 128 px in any case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import zlib
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from data_pipeline import storage
+from data_pipeline.epoch_plan import EpochPlan
+from data_pipeline.reader import DatasetIndex, ReaderConfig, StreamingReader
+from data_pipeline.schema import object_key, parse_sample
+from data_pipeline.shards import read_sample_range
+from model_zoo.goembedfusion import GOEmbedFusion, Views
+from model_zoo.metrics import (UNAVAILABLE, FeatureExtractor, build_feature_extractor, fid_from_features,
+                               kernel_inception_distance, load_lpips, psnr, ssim)
+
+
+# -- reading held-out objects -------------------------------------------------------------------
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1  # not distributed: this process evaluates everything
+
+
+def _object_rng(seed: int, object_id: str) -> np.random.Generator:
+    # crc32, not hash(): Python's str hash is salted per process, ranks would disagree.
+    return np.random.default_rng([seed, zlib.crc32(object_id.encode())])
+
+
+def _views_in_first_object(index: DatasetIndex, storage_options) -> int:
+    shard = next(s for s in index.shards if len(s))
+    key, _, members = next(read_sample_range(shard.url, shard, 0, 1, storage_options))
+    return parse_sample(key, members, check_cameras=False).num_views
+
+
+def iter_objects(pattern: str, resolution: int | None, max_objects: int | None = None, batch_size: int = 4,
+                 num_workers: int = 0, storage_options: dict | None = None, progress: bool = False, desc: str = "objects"):
+    """This rank's share of the objects, one at a time, with all views in stored order:
+    (object_id, images (V, 3, H, W), K (V, 3, 3), c2w (V, 4, 4), background (3,))."""
+    rank, world = _rank_and_world()
+    index = DatasetIndex(storage.expand_urls(pattern, storage_options), storage_options)
+    config = ReaderConfig(pattern, batch_size=batch_size, context_views_min=0, context_views_max=0,
+                          target_views=_views_in_first_object(index, storage_options), resolution=resolution,
+                          num_workers=num_workers, shuffle=False, drop_last=False, storage_options=storage_options)
+    reader = StreamingReader(config, rank=rank, world_size=world)
+    # The keys this rank should evaluate: its slots' positions among the first max_objects. With
+    # shuffle=False the epoch order is the shards' file order, so this is the same set of objects
+    # for any world size, and we can stop as soon as all of them are done.
+    limit = reader.num_samples if max_objects is None else min(max_objects, reader.num_samples)
+    plan = EpochPlan(counts=reader.index.counts, seed=config.seed, epoch=0, num_slots=world * reader.workers,
+                     batch_size=batch_size, shuffle=False, drop_last=False)
+    wanted = set()
+    for slot in range(rank * reader.workers, (rank + 1) * reader.workers):
+        positions = plan.slot_positions(slot)
+        shards, local = plan.locate(positions[positions < limit])
+        wanted |= {reader.index.shards[s].keys[i] for s, i in zip(shards, local)}
+    bar = tqdm(total=len(wanted), desc=desc, unit="obj", disable=not progress)
+    for batch in reader:
+        for b, object_id in enumerate(batch.object_ids):
+            if object_key(object_id) not in wanted:
+                continue
+            wanted.discard(object_key(object_id))  # refill repeats after a bad sample are not evaluated twice
+            order = batch.target_view_indices[b].argsort()
+            yield (object_id, batch.target_images[b, order], batch.target_K[b, order], batch.target_c2w[b, order],
+                   batch.background[b])
+            bar.update(1)
+        if not wanted:
+            break
+    bar.close()
+
+
+def _gather(local: dict) -> dict:
+    """Merge every rank's {object_id: result}; duplicates (padding) collapse onto one key."""
+    rank, world = _rank_and_world()
+    if world == 1:
+        return local
+    parts = [None] * world
+    dist.all_gather_object(parts, local)
+    merged = {}
+    for part in parts:
+        for key, value in part.items():
+            merged.setdefault(key, value)
+    return merged
+
+
+# -- reconstruction -----------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_reconstruction(model: GOEmbedFusion, pattern: str, context_views: int = 3, max_objects: int | None = None,
+                            resolution: int | None = 128, lpips_weights: str | None = None, batch_size: int = 4,
+                            seed: int = 0, num_workers: int = 0, storage_options: dict | None = None,
+                            progress: bool = False) -> dict:
+    """Novel-view PSNR / SSIM / LPIPS of ``model.reconstruct`` from ``context_views`` views per object,
+    scored on one other view, means over objects. LPIPS is ``"unavailable"`` without weights."""
+    model.eval()
+    device = next(model.parameters()).device
+    lpips = load_lpips(lpips_weights, device)
+    results: dict[str, dict] = {}
+    pending = []
+
+    def flush():
+        if not pending:
+            return
+        ids, context, target, background = zip(*pending)
+        context = Views(*(torch.stack(parts).to(device) for parts in zip(*context)))
+        target_images, target_K, target_c2w = (torch.stack(parts).to(device) for parts in zip(*target))
+        background = torch.stack(background).to(device)
+        state = model.reconstruct(context, background)
+        height, width = target_images.shape[-2:]
+        rendered = model.render(state, target_K, target_c2w, height, width, background)[:, 0].float()
+        truth = target_images[:, 0]
+        scores = {"psnr": psnr(rendered, truth), "ssim": ssim(rendered, truth)}
+        if lpips is not None:
+            scores["lpips"] = lpips(rendered, truth)
+        for i, object_id in enumerate(ids):
+            results[object_id] = {name: float(values[i]) for name, values in scores.items()}
+        pending.clear()
+
+    for object_id, images, K, c2w, background in iter_objects(pattern, resolution, max_objects, batch_size, num_workers,
+                                                              storage_options, progress, desc="reconstruction"):
+        if images.shape[0] < context_views + 1:
+            raise ValueError(f"{object_id} has {images.shape[0]} views; {context_views} context + 1 target are needed")
+        chosen = _object_rng(seed, object_id).permutation(images.shape[0])[:context_views + 1]
+        ctx, tgt = chosen[:context_views], chosen[context_views:]
+        pending.append((object_id, (images[ctx], K[ctx], c2w[ctx]), (images[tgt], K[tgt], c2w[tgt]), background))
+        if len(pending) == batch_size:
+            flush()
+    flush()
+    results = _gather(results)
+    if not results:
+        raise ValueError(f"no objects evaluated from {pattern}")
+    ordered = [results[key] for key in sorted(results)]  # a fixed summation order on every world size
+
+    def mean(name):
+        return float(np.mean([r[name] for r in ordered]))
+
+    return {
+        "task": "reconstruction", "objects": len(ordered), "context_views": context_views,
+        "resolution": resolution, "encode_resolution": model.config.encode_resolution,
+        "psnr": mean("psnr"), "ssim": mean("ssim"),
+        "lpips": mean("lpips") if lpips is not None else UNAVAILABLE,
+    }
+
+
+# -- generation ---------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_generation(model: GOEmbedFusion, pattern: str, features: FeatureExtractor | str = "random",
+                        views_per_object: int = 10, context_views: int = 0, steps: int = 10, guidance_scale: float = 1.0,
+                        sample_resolution: int | None = None, resolution: int | None = 128,
+                        max_objects: int | None = None, seed: int = 0, kid_subsets: int = 100,
+                        kid_subset_size: int = 1000, num_workers: int = 0, storage_options: dict | None = None,
+                        progress: bool = False) -> dict:
+    """FID / KID between an object's real views and renders of a sample, OmniObject3D-style: per held-out
+    object one sample (unconditional, or conditioned on ``context_views`` of its views), rendered at
+    ``views_per_object`` of the object's own stored cameras (other than the context ones); the real
+    images are those same views. ``features``: a FeatureExtractor, or "random" (RandomConvFeatures)."""
+    model.eval()
+    device = next(model.parameters()).device
+    extractor = build_feature_extractor(features, seed=seed) if isinstance(features, str) else features
+    extractor = extractor.to(device)
+    sample_resolution = sample_resolution or model.config.encode_resolution
+    local: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    used_views = None
+    for object_id, images, K, c2w, background in iter_objects(pattern, resolution, max_objects, 4, num_workers,
+                                                              storage_options, progress, desc="generation"):
+        count = min(views_per_object, images.shape[0] - context_views)  # protocol: 10; fewer if the object has fewer
+        if count < 1:
+            raise ValueError(f"{object_id} has {images.shape[0]} views: none left after {context_views} context views")
+        used_views = count
+        rng = _object_rng(seed, object_id)
+        chosen = rng.permutation(images.shape[0])
+        ctx, views = chosen[:context_views], chosen[context_views:context_views + count]
+        images, K, c2w, background = images.to(device), K.to(device), c2w.to(device), background.to(device)
+        context = Views(images[ctx][None], K[ctx][None], c2w[ctx][None]) if context_views else None
+        height, width = images.shape[-2:]
+        # The sampler denoises an image at one camera (the first evaluation view), at its own width.
+        scale = torch.tensor([sample_resolution / width, sample_resolution / width, 1.0], device=device).view(3, 1)
+        # One generator per object, not per batch: the sample then does not depend on which rank
+        # drew the object or what else was in its batch.
+        generator = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+        state = model.sample(K[views[0]][None] * scale, c2w[views[0]][None], background[None], context=context,
+                             steps=steps, guidance_scale=guidance_scale, resolution=sample_resolution,
+                             generator=generator)
+        fake = model.render(state, K[views][None], c2w[views][None], height, width, background[None])[0]
+        local[object_id] = (extractor(images[views]).cpu().numpy(), extractor(fake).cpu().numpy())
+    results = _gather(local)
+    if not results:
+        raise ValueError(f"no objects evaluated from {pattern}")
+    keys = sorted(results)
+    real = np.concatenate([results[key][0] for key in keys])
+    generated = np.concatenate([results[key][1] for key in keys])
+    kid_mean, kid_std = kernel_inception_distance(real, generated, kid_subsets, kid_subset_size, seed=seed)
+    notes = []
+    if len(real) <= real.shape[1]:
+        notes.append(f"{len(real)} images for {real.shape[1]}-d features: singular covariances, FID is unreliable")
+    if len(real) <= kid_subset_size:
+        notes.append("KID subsets are the whole set, so kid_std is 0")
+    return {
+        "task": "generation", "objects": len(keys), "images": len(real), "views_per_object": used_views,
+        "context_views": context_views, "steps": steps, "guidance_scale": guidance_scale,
+        "sample_resolution": sample_resolution, "resolution": resolution, "features": extractor.name,
+        "fid": fid_from_features(real, generated), "kid": kid_mean, "kid_std": kid_std, "notes": notes,
+    }
+
+
+# -- command line -------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m model_zoo.evaluate", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="model directory (read with model_zoo.loading.load)")
+    parser.add_argument("--data", required=True, help="held-out shards: a URL pattern (braces/globs, any fsspec URL)")
+    parser.add_argument("--task", choices=("reconstruction", "generation", "both"), default="both")
+    parser.add_argument("--context-views", type=int, default=3, help="context views for reconstruction")
+    parser.add_argument("--generation-context-views", type=int, default=0,
+                        help="context views a generated sample is conditioned on (0: unconditional)")
+    parser.add_argument("--max-objects", type=int, default=None, help="the first N objects (file order)")
+    parser.add_argument("--lpips-weights", default=None, help="LPIPS weights file; without it LPIPS is 'unavailable'")
+    features = parser.add_mutually_exclusive_group()
+    features.add_argument("--inception-weights", default=None, help="Inception-v3 weights file for FID/KID")
+    features.add_argument("--features", choices=("random",), default=None,
+                          help="the built-in random-conv extractor (numbers not comparable with published FID)")
+    parser.add_argument("--views-per-object", type=int, default=10)
+    parser.add_argument("--resolution", type=int, default=128, help="width the views are read, rendered and scored at")
+    parser.add_argument("--steps", type=int, default=10, help="DDIM steps per sample")
+    parser.add_argument("--guidance-scale", type=float, default=1.0)
+    parser.add_argument("--sample-resolution", type=int, default=None, help="sampler image width (default: encode_resolution)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=0, help="reader worker processes per rank")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="default: cuda (this rank's LOCAL_RANK) if available, else cpu")
+    parser.add_argument("--out", default=None, help="also write the results JSON here")
+    return parser
+
+
+def format_table(results: dict) -> str:
+    rows = []
+    for task, values in results.items():
+        if not isinstance(values, dict):
+            continue
+        names = ("psnr", "ssim", "lpips") if task == "reconstruction" else ("fid", "kid", "kid_std")
+        cells = [f"{name}={values[name]:.4f}" if isinstance(values[name], float) else f"{name}={values[name]}"
+                 for name in names]
+        rows.append(f"{task:<15} objects={values['objects']:<5} " + "  ".join(cells))
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.task in ("generation", "both") and not (args.inception_weights or args.features):
+        build_parser().error("generation needs --inception-weights PATH or --features random")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")  # RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the environment
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    try:
+        from model_zoo.loading import load  # imported here: the CLI is the only user
+
+        model = load(args.model, device)
+        common = dict(max_objects=args.max_objects, resolution=args.resolution, seed=args.seed,
+                      num_workers=args.workers, progress=rank == 0)
+        results = {"model": args.model, "data": args.data, "world_size": world}
+        if args.task in ("reconstruction", "both"):
+            results["reconstruction"] = evaluate_reconstruction(
+                model, args.data, context_views=args.context_views, lpips_weights=args.lpips_weights,
+                batch_size=args.batch_size, **common)
+        if args.task in ("generation", "both"):
+            extractor = build_feature_extractor("inception" if args.inception_weights else "random",
+                                                args.inception_weights, seed=args.seed)
+            results["generation"] = evaluate_generation(
+                model, args.data, features=extractor, views_per_object=args.views_per_object,
+                context_views=args.generation_context_views, steps=args.steps, guidance_scale=args.guidance_scale,
+                sample_resolution=args.sample_resolution, **common)
+        if rank == 0:
+            text = json.dumps(results, indent=2)
+            print(text)
+            print(format_table(results), file=sys.stderr)
+            if args.out:
+                with open(args.out, "w") as f:
+                    f.write(text + "\n")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
