@@ -94,7 +94,8 @@ class Checkpointer:
         self.staging_root = staging_root or tempfile.gettempdir()
 
     # -- paths -----------------------------------------------------------------------------------
-    def _local_dir(self, tag: str) -> str:
+    def local_dir(self, tag: str) -> str:
+        """Where this node writes (and reads) the files of ``tag``: the checkpoint itself, or its staging copy."""
         if self.local:
             return os.path.join(storage.local_path(self.url), tag)
         return os.path.join(self.staging_root, "goembed-ckpt-staging", storage.basename(self.url) or "ckpt", tag)
@@ -109,7 +110,7 @@ class Checkpointer:
     # -- save --------------------------------------------------------------------------------------
     def save(self, engine, state: TrainerState, config_yaml: str) -> str:
         tag = tag_for(state.step)
-        local_dir = self._local_dir(tag)
+        local_dir = self.local_dir(tag)
         parent = os.path.dirname(local_dir)
         if self.env.is_main and os.path.isdir(local_dir):  # leftovers of a crashed save of this step
             shutil.rmtree(local_dir)
@@ -168,7 +169,7 @@ class Checkpointer:
         fs.invalidate_cache()  # object-store listings are cached per process; this one must be fresh
         tags = sorted(name.rsplit("/", 1)[-1] for name in fs.ls(base, detail=False) if name.rsplit("/", 1)[-1].startswith("step_"))
         complete = [t for t in tags if t <= newest]
-        for tag in complete[:-self.keep_last] if self.keep_last else []:
+        for tag in complete[:-self.keep_last] if self.keep_last else []:  # keep_last=0: someone else prunes
             fs.rm(base + "/" + tag, recursive=True)
         # Incomplete saves newer than `latest` (a crash mid-save) are removed too: never resumed from.
         for tag in tags:
@@ -201,7 +202,7 @@ class Checkpointer:
         if tag is None:
             raise CheckpointError(f"no checkpoint in {self.url} (no '{LATEST}' file)")
         manifest = self.verify(tag)
-        local_dir = self._local_dir(tag)
+        local_dir = self.local_dir(tag)
         if not self.local and self.env.local_rank == 0:
             fs, base = storage.filesystem(self.url, self.storage_options)
             os.makedirs(local_dir, exist_ok=True)

@@ -20,6 +20,7 @@ from dataclasses import replace
 import torch
 import yaml
 
+from data_pipeline import storage
 from data_pipeline.reader import StreamingReader
 from model_zoo.goembedfusion import Views
 from trainer.checkpoint import Checkpointer, TrainerState, capture_rng, restore_rng
@@ -37,13 +38,32 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+class TrainHooks:
+    """What a launcher may add to the loop without the trainer knowing which launcher it is.
+
+    The default does nothing. ``launch/ray_job.py`` reports checkpoints to Ray Train and injects
+    test failures through it.
+    """
+
+    # True when the launcher deletes old checkpoints itself (Ray's checkpoint manager does): the
+    # trainer then removes only incomplete saves, never complete ones.
+    manages_checkpoint_retention = False
+
+    def on_step(self, step: int, logged: dict | None) -> None:
+        """After every step, on every rank; ``logged`` is what was written to metrics.jsonl, if anything."""
+
+    def on_checkpoint(self, step: int, tag: str, url: str, local_dir: str) -> None:
+        """After a checkpoint is complete and ``latest`` points at it, on every rank."""
+
+
 def endless(reader: StreamingReader):
     """Batches across epoch boundaries; the reader's state always matches what was consumed."""
     while True:
         yield from reader
 
 
-def train(config: RunConfig) -> str:
+def train(config: RunConfig, hooks: TrainHooks | None = None) -> str:
+    hooks = hooks or TrainHooks()
     env = init_distributed(config.train.device, config.distributed.backend)
     torch.manual_seed(config.train.seed + env.rank)
     run_dir = config.run_dir
@@ -56,7 +76,8 @@ def train(config: RunConfig) -> str:
     reader = StreamingReader(config.data.reader_config(config.train.seed), env.rank, env.world_size)
     generator = torch.Generator(device=env.device).manual_seed(config.train.seed * 1000 + env.rank)
     checkpoints = Checkpointer(config.checkpoint.dir or os.path.join(run_dir, "checkpoints"), env,
-                               config.checkpoint.keep_last, config.data.storage_options or None,
+                               0 if hooks.manages_checkpoint_retention else config.checkpoint.keep_last,
+                               config.data.storage_options or None,
                                staging_root=os.path.join(run_dir, ".staging"))
 
     step, nonfinite_total = 0, 0
@@ -105,6 +126,7 @@ def train(config: RunConfig) -> str:
         for key, value in (("seconds", seconds), ("data_seconds", data_seconds), ("objects", objects), ("rays", rays), ("steps", 1)):
             window[key] += value
         bar.update(step, float(metrics.get("loss", float("nan"))), objects / seconds)
+        record = None
         if step % config.log.every_steps == 0 or step == config.train.max_steps:
             record = {name: float(value) for name, value in metrics.items()}
             record.update(
@@ -117,6 +139,7 @@ def train(config: RunConfig) -> str:
                 record[f"peak_memory_mb_rank{rank}"] = megabytes
             metrics_log.log(step, record)
             window = dict.fromkeys(window, 0.0)
+        hooks.on_step(step, record)
         if nonfinite_in_a_row >= config.train.max_nonfinite_steps:  # after logging: the count is in metrics.jsonl
             raise NonFiniteError(f"{nonfinite_in_a_row} non-finite steps in a row (train.max_nonfinite_steps="
                                  f"{config.train.max_nonfinite_steps}); last metrics: "
@@ -126,7 +149,8 @@ def train(config: RunConfig) -> str:
         if step % config.checkpoint.every_steps == 0 or step == config.train.max_steps:
             state = TrainerState(step, reader.state_dict(), capture_rng(generator), ema.state_dict() if ema else None,
                                  nonfinite_total)
-            checkpoints.save(engine, state, config_yaml)
+            tag = checkpoints.save(engine, state, config_yaml)
+            hooks.on_checkpoint(step, tag, storage.join(checkpoints.url, tag), checkpoints.local_dir(tag))
 
     bar.close()
     metrics_log.close()
