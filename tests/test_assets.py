@@ -23,12 +23,7 @@ from model_zoo.image_to_3d import corner_background, image_to_3d, load_image, ma
 from model_zoo.mesh import density_grid, edge_use_counts, marching_cubes, write_glb, write_ply
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def grid(resolution=64):

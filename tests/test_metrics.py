@@ -14,12 +14,7 @@ from model_zoo.metrics import (UNAVAILABLE, InceptionFeatures, InceptionV3Pool, 
                                kernel_inception_distance, load_lpips, psnr, ssim)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def smooth_images(n: int, size: int = 64, seed: int = 0) -> torch.Tensor:
