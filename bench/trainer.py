@@ -97,9 +97,10 @@ def log(message: str) -> None:
 # -- formulas -------------------------------------------------------------------------------------
 
 
-def fp32_formula(stage: int, psi: int, n: int) -> dict:
-    """fp32 params (4Ψ) + fp32 grads (4Ψ) + Adam moments (8Ψ), partitioned as ZeRO stage ``stage``."""
-    params, grads, optim = 4 * psi, 4 * psi, 8 * psi
+def zero_formula(stage: int, psi: int, n: int, param_bytes: int, grad_bytes: int, optim_bytes: int) -> dict:
+    """Per-rank bytes of parameters, gradients and optimizer state, partitioned as ZeRO stage ``stage``
+    (stage >= 1 partitions the optimizer state, >= 2 the gradients, 3 the parameters too)."""
+    params, grads, optim = param_bytes * psi, grad_bytes * psi, optim_bytes * psi
     if stage >= 1:
         optim /= n
     if stage >= 2:
@@ -108,6 +109,11 @@ def fp32_formula(stage: int, psi: int, n: int) -> dict:
         params /= n
     return {"params": round(params), "grads": round(grads), "optimizer_state": round(optim),
             "total": round(params + grads + optim), "psi_multiple": round((params + grads + optim) / psi, 4)}
+
+
+def fp32_formula(stage: int, psi: int, n: int) -> dict:
+    """fp32 params (4Ψ) + fp32 grads (4Ψ) + Adam moments (8Ψ), partitioned as ZeRO stage ``stage``."""
+    return zero_formula(stage, psi, n, 4, 4, 8)
 
 
 def deepspeed_fp32_layout(stage: int, psi: int, n: int) -> dict:
@@ -130,14 +136,8 @@ def deepspeed_fp32_layout(stage: int, psi: int, n: int) -> dict:
 
 def mixed_precision_formula(stage: int, psi: int, n: int) -> dict:
     """The ZeRO paper (K=12): fp16 params 2Ψ, fp16 grads 2Ψ, fp32 master + momentum + variance 12Ψ."""
-    params, grads, optim = 2 * psi, 2 * psi, 12 * psi
-    if stage >= 1:
-        optim /= n
-    if stage >= 2:
-        grads /= n
-    if stage >= 3:
-        params /= n
-    return {"total": round(params + grads + optim), "psi_multiple": round((params + grads + optim) / psi, 4)}
+    full = zero_formula(stage, psi, n, 2, 2, 12)
+    return {"total": full["total"], "psi_multiple": full["psi_multiple"]}
 
 
 # -- tensor accounting ----------------------------------------------------------------------------
