@@ -12,7 +12,7 @@ from model_zoo.goembedfusion import GOEmbedFusion
 from trainer.config import RunConfig
 
 
-def deepspeed_config(config: RunConfig) -> dict:
+def deepspeed_config(config: RunConfig, num_parameters: int | None = None) -> dict:
     """DeepSpeed's JSON config, derived from the run config (the only place it is written)."""
     distributed = config.distributed
     ds = {
@@ -23,6 +23,13 @@ def deepspeed_config(config: RunConfig) -> dict:
         "steps_per_print": 10**9,  # our logger reports; DeepSpeed's own prints would interleave
         "wall_clock_breakdown": False,
     }
+    if distributed.zero_stage >= 1 and num_parameters:
+        # DeepSpeed's default buckets hold 5e8 elements (2 GB in fp32, allocated up front under
+        # ZeRO-3, measured with bench/trainer.py); a bucket never needs to exceed the model.
+        bucket = int(min(5e8, max(1e6, num_parameters)))
+        ds["zero_optimization"].update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
+        if distributed.zero_stage == 3:
+            ds["zero_optimization"]["stage3_prefetch_bucket_size"] = bucket
     if distributed.precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif distributed.precision == "fp16":
@@ -58,5 +65,5 @@ def build_engine(config: RunConfig, device: torch.device):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, optim.lr_warmup_steps, config.train.max_steps, optim.lr_min_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(config))
+                                           config=deepspeed_config(config, sum(p.numel() for p in model.parameters())))
     return engine, model
