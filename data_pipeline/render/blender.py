@@ -51,7 +51,11 @@ def check_bpy_installed() -> None:
     """Raise :class:`RenderDependencyError` unless bpy can be imported (without importing it)."""
     import importlib.util
 
-    if importlib.util.find_spec("bpy") is None:
+    try:
+        found = importlib.util.find_spec("bpy") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
         raise RenderDependencyError(
             f"rendering meshes needs Blender's Python module (bpy), which is not installed; "
             f"install the [{EXTRA_NAME}] extra: pip install -e '.[{EXTRA_NAME}]' (or: pip install bpy)")
