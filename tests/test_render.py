@@ -297,3 +297,51 @@ def test_missing_bpy_names_the_extra(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2
     assert "[render]" in done.stderr and "bpy" in done.stderr
+
+
+def tree_bytes(folder: str) -> dict[str, bytes]:
+    """Every shard, index and manifest part record under folder (the run summary excluded)."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder)
+            if rel != os.path.join("manifest", "summary.json"):
+                files[rel] = open(path, "rb").read()
+    return files
+
+
+def test_a_killed_run_resumed_with_the_same_arguments_equals_an_uninterrupted_run(tmp_path):
+    import signal
+    import time
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(4):
+        mesh = trimesh.creation.icosphere(subdivisions=2)
+        mesh.apply_scale([1.0 + i, 1.0, 0.5])
+        mesh.export(str(folder / f"m{i}.ply"))
+    args = [str(folder), "--engine", "cycles", "--samples", "4", "--views", "4", "--resolution", "48", "--maxcount", "1"]
+    whole = str(tmp_path / "whole")
+    assert run_render(*args, "--out", whole).returncode == 0
+
+    resumed = str(tmp_path / "resumed")
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    process = subprocess.Popen([sys.executable, "-m", "data_pipeline.render", *args, "--out", resumed, "--no-progress"],
+                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    first = os.path.join(resumed, "manifest", "part-000000.json")
+    deadline = time.monotonic() + 120
+    while not os.path.exists(first) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)  # the run and its Blender workers, mid-job
+    process.wait()
+    parts_done = len([n for n in os.listdir(os.path.join(resumed, "manifest")) if n.startswith("part-")])
+    assert 1 <= parts_done < 4, f"the kill should land mid-run ({parts_done} parts done)"
+    again = run_render(*args, "--out", resumed)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming: {parts_done} of 4 parts" in again.stderr
+    assert tree_bytes(resumed) == tree_bytes(whole)
+    # other arguments are refused rather than mixed into the same output
+    other = run_render(*args[:-1], "2", "--out", resumed)
+    assert other.returncode == 2 and "other" in other.stderr
