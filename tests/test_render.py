@@ -345,3 +345,22 @@ def test_a_killed_run_resumed_with_the_same_arguments_equals_an_uninterrupted_ru
     # other arguments are refused rather than mixed into the same output
     other = run_render(*args[:-1], "2", "--out", resumed)
     assert other.returncode == 2 and "other" in other.stderr
+
+
+def test_rendered_shards_train(rendered, tmp_path):
+    """launch/local.py with data.train_urls pointing at the rendered shards runs training steps."""
+    _, out, _, _ = rendered
+    run_dir = str(tmp_path / "run")
+    values = {"run_dir": run_dir, "data.train_urls": os.path.join(out, "shard-*.tar"), "data.holdout_urls": "null",
+              "data.batch_size": 2, "data.resolution": 32, "data.num_workers": 0, "data.context_views_max": 2,
+              "model.encode_resolution": 16, "model.rays_per_view": 64, "log.every_steps": 1,
+              "log.preview_every_steps": 0, "log.tensorboard": "false", "checkpoint.every_steps": 100,
+              "train.max_steps": 3, "train.device": "cpu"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "launch/local.py", "--nproc", "1", *[f"{k}={v}" for k, v in values.items()]],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=400, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps][-1] == 3 and all(np.isfinite(r["loss"]) for r in steps)
