@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from data_pipeline import storage
+from data_pipeline.box_fit import BoxFitWarner
 from data_pipeline.cameras import CameraError, check_cameras, scale_intrinsics
 from data_pipeline.epoch_plan import EpochPlan, remaining_positions
 from data_pipeline.schema import ObjectSample, SampleError, decode_image, parse_sample
@@ -56,6 +57,7 @@ class ReaderConfig:
     storage_options: dict | None = None  # fsspec options (endpoint, key, ...); env vars otherwise
     warn_every_s: float = 30.0  # rate limit of warnings about skipped samples
     prefetch_batches: int = 2  # per worker
+    box_half_size: float | None = None  # the model's box: warn once if an object or camera misses it
 
     def __post_init__(self):
         checks = {
@@ -309,6 +311,10 @@ class _SlotStream(torch.utils.data.IterableDataset):
     def _load_object(self, sample: ObjectSample, context: np.ndarray, target: np.ndarray) -> "_LoadedObject":
         """Decode (and resize) only the chosen views; raises SampleError for an undecodable one."""
         chosen = np.concatenate([context, target])
+        if self.config.box_half_size is not None:
+            if not hasattr(self, "_box_fit"):
+                self._box_fit = BoxFitWarner(self.config.box_half_size)
+            self._box_fit(sample)
         try:
             check_cameras(sample.intrinsics[chosen], sample.c2w[chosen], where=f"object {sample.object_id} views {chosen.tolist()}")
         except CameraError as error:

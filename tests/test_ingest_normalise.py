@@ -100,3 +100,28 @@ def test_normalize_none_keeps_the_native_scale(tmp_path):
     sample = parse_sample(key, members)
     assert sample.scale == 1.0 and sample.extra["normalisation"]["method"] == "none"
     np.testing.assert_allclose(np.asarray(sample.extra["source_to_world"]), np.eye(4))
+
+
+def test_the_reader_warns_once_when_objects_do_not_fit_the_box(tmp_path, caplog):
+    """Native-scale objects far off the origin: one warning naming the first, none once normalised."""
+    import logging
+
+    from data_pipeline.reader import ReaderConfig, StreamingReader
+
+    for name in ("a", "b", "c"):
+        write_folder(str(tmp_path / "src" / name), n=4)
+    native = ingest([str(tmp_path / "src")], str(tmp_path / "native"), normalize="none", progress=False)
+    fitted = ingest([str(tmp_path / "src")], str(tmp_path / "fitted"), progress=False)
+
+    def read_all(pattern: str) -> list[str]:
+        caplog.clear()
+        config = ReaderConfig(urls=pattern, batch_size=1, context_views_min=1, context_views_max=1, num_workers=0,
+                              box_half_size=1.0)
+        with caplog.at_level(logging.WARNING, logger="data_pipeline.box_fit"):
+            for _ in StreamingReader(config, rank=0, world_size=1):
+                pass
+        return [r.getMessage() for r in caplog.records if r.name == "data_pipeline.box_fit"]
+
+    warnings = read_all(native.pattern)
+    assert len(warnings) == 1 and "does not fit the model's box" in warnings[0] and "do not see the box centre" in warnings[0]
+    assert read_all(fitted.pattern) == []

@@ -79,6 +79,7 @@ class RenderedObject:
     c2w: np.ndarray  # (V, 4, 4) OpenCV
     mesh_to_world: np.ndarray  # (4, 4)
     normalisation: dict
+    object_bbox: list  # [[x, y, z] min, [x, y, z] max] in the world of the cameras
     num_faces: int
     warnings: list[str] = field(default_factory=list)
     seconds: dict = field(default_factory=dict)  # reset / import / render
@@ -307,5 +308,6 @@ class BlenderRenderer:
                     rgba.append(np.asarray(image.convert("RGBA")).copy())
                 os.remove(out)
             seconds["render"] = time.perf_counter() - start
-        return RenderedObject(rgba, np.stack(Ks), np.stack(c2ws), N @ file_to_blender, normalisation, faces,
-                              warnings, seconds)
+        object_bbox = [(N[:3, :3] @ lo + N[:3, 3]).tolist(), (N[:3, :3] @ hi + N[:3, 3]).tolist()]
+        return RenderedObject(rgba, np.stack(Ks), np.stack(c2ws), N @ file_to_blender, normalisation, object_bbox,
+                              faces, warnings, seconds)

@@ -92,6 +92,7 @@ def render_object(renderer: BlenderRenderer, job: MeshJob, settings: RenderSetti
         "source_file": job.url,
         "mesh_to_world": rendered.mesh_to_world.tolist(),
         "normalisation": rendered.normalisation,
+        "object_bbox": rendered.object_bbox,
         "num_faces": rendered.num_faces,
         "cameras": spherical,
         "render": {"engine": settings.engine, "samples": settings.samples if settings.engine == "cycles" else None,
