@@ -318,3 +318,25 @@ def test_rendered_shards_train(rendered, tmp_path):
         records = [json.loads(line) for line in f]
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps][-1] == 3 and all(np.isfinite(r["loss"]) for r in steps)
+
+
+def test_the_reader_delivers_masks_beside_the_views(rendered):
+    """ReaderConfig.masks adds (B, k|m, 1, H, W) masks in [0, 1] that line up with the views."""
+    import torch
+
+    from data_pipeline.reader import ReaderConfig, StreamingReader
+
+    _, out, _, _ = rendered
+    pattern = os.path.join(out, "shard-*.tar")
+    common = dict(urls=pattern, batch_size=2, context_views_min=2, context_views_max=2, target_views=1,
+                  resolution=64, num_workers=0, seed=1)
+    plain = list(StreamingReader(ReaderConfig(**common), rank=0, world_size=1))
+    masked = list(StreamingReader(ReaderConfig(**common, masks=True), rank=0, world_size=1))
+    assert plain[0].target_masks is None
+    for a, b in zip(plain, masked):
+        assert torch.equal(a.target_images, b.target_images) and torch.equal(a.context_images, b.context_images)
+        assert b.target_masks.shape == (2, 1, 1, 64, 64) and b.context_masks.shape == (2, 2, 1, 64, 64)
+        assert 0.0 <= float(b.target_masks.min()) and float(b.target_masks.max()) == 1.0
+        # where the mask is empty the view shows the (white) background
+        background = b.target_masks[:, :, 0] == 0
+        assert torch.all(b.target_images.permute(0, 1, 3, 4, 2)[background] == 1.0)
