@@ -340,3 +340,26 @@ def test_the_reader_delivers_masks_beside_the_views(rendered):
         # where the mask is empty the view shows the (white) background
         background = b.target_masks[:, :, 0] == 0
         assert torch.all(b.target_images.permute(0, 1, 3, 4, 2)[background] == 1.0)
+
+
+def test_meshes_from_s3_to_s3(tmp_path, s3_env, s3_bucket):
+    """Inputs and output on a real S3 server (SeaweedFS on loopback); settings from AWS_* only."""
+    from data_pipeline import storage
+
+    local = tmp_path / "meshes"
+    paths = make_meshes(str(local))
+    for object_id in ("textured_glb", "box"):
+        with open(paths[object_id], "rb") as src, storage.open_url(f"{s3_bucket}/in/{os.path.basename(paths[object_id])}", "wb") as dst:
+            dst.write(src.read())
+    out = f"{s3_bucket}/renders"
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    args = [f"{s3_bucket}/in", "--out", out, "--engine", "workbench", "--views", "2", "--resolution", "32", "--no-progress"]
+    done = subprocess.run([sys.executable, "-m", "data_pipeline.render", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    checked = subprocess.run([sys.executable, "-m", "data_pipeline.validate", f"{out}/shard-*.tar", "--no-progress"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert checked.returncode == 0 and "objects: 2" in checked.stdout, checked.stdout + checked.stderr
+    again = subprocess.run([sys.executable, "-m", "data_pipeline.render", *args], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300, check=False)
+    assert again.returncode == 0 and "resuming: 1 of 1 parts" in again.stderr, again.stderr[-3000:]
