@@ -363,3 +363,40 @@ def test_meshes_from_s3_to_s3(tmp_path, s3_env, s3_bucket):
     again = subprocess.run([sys.executable, "-m", "data_pipeline.render", *args], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=300, check=False)
     assert again.returncode == 0 and "resuming: 1 of 1 parts" in again.stderr, again.stderr[-3000:]
+
+
+def test_a_blender_worker_that_dies_is_replaced_and_the_output_is_complete(tmp_path):
+    """SIGKILL one of the --workers 2 Blender processes mid-run: its objects are rendered again."""
+    import signal
+    import time
+
+    psutil = pytest.importorskip("psutil")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(4):
+        mesh = trimesh.creation.icosphere(subdivisions=2)
+        mesh.apply_scale([1.0, 1.0 + i, 0.5])
+        mesh.export(str(folder / f"w{i}.ply"))
+    args = [str(folder), "--engine", "cycles", "--samples", "4", "--views", "4", "--resolution", "48", "--maxcount", "2"]
+    whole = str(tmp_path / "whole")
+    assert run_render(*args, "--out", whole).returncode == 0
+    out = str(tmp_path / "out")
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    process = subprocess.Popen([sys.executable, "-m", "data_pipeline.render", *args, "--out", out, "--no-progress",
+                                "--workers", "2"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    killed = None
+    deadline = time.monotonic() + 120
+    while killed is None and process.poll() is None and time.monotonic() < deadline:
+        workers = [p for p in psutil.Process(process.pid).children()
+                   if "spawn_main" in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline())]
+        if len(workers) == 2 and os.path.isdir(os.path.join(out, "manifest")):
+            time.sleep(1.0)  # let it start rendering
+            workers[0].send_signal(signal.SIGKILL)
+            killed = workers[0].pid
+        time.sleep(0.05)
+    stdout, stderr = process.communicate(timeout=300)
+    assert killed is not None, "no worker was killed"
+    assert process.returncode == 0, stderr[-3000:]
+    assert "a Blender worker died" in stderr
+    assert tree_bytes(out) == tree_bytes(whole)
