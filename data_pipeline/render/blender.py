@@ -144,7 +144,8 @@ class BlenderRenderer:
     def reset(self) -> None:
         self.bpy.ops.wm.read_factory_settings(use_empty=True)
 
-    def _import(self, path: str) -> type:
+    def _import(self, path: str) -> np.ndarray:
+        """Import the file into the scene; returns the 4x4 from the file's axes to Blender's."""
         bpy = self.bpy
         ext = os.path.splitext(path)[1].lower()
         if ext in (".glb", ".gltf"):

@@ -35,7 +35,7 @@ from data_pipeline.cli_types import background_colour, byte_size, positive_float
 from data_pipeline.render.blender import RenderDependencyError, check_bpy_installed
 from data_pipeline.render.inputs import InputError, find_meshes
 from data_pipeline.render.parts import ManifestError, finished_parts, split_parts, start_run, write_summary
-from data_pipeline.render.run import available_cores, render_local, render_ray
+from data_pipeline.render.run import RayConnectError, available_cores, render_local, render_ray
 from data_pipeline.render.settings import CAMERA_MODES, ENGINES, LIGHTING, RenderSettings
 
 
@@ -125,7 +125,12 @@ def main(argv: list[str] | None = None) -> int:
                     failed_parts.extend({"object_id": j.object_id, "source_file": j.url, "reason": error} for j in part.jobs)
                 skipped_parts += len(part.jobs) if error else len(record["skipped"])
                 bar.set_postfix(skipped=skipped_parts, refresh=False)
-            new_records = render_ray(todo, settings, args.out, args.ray_address, args.maxsize, on_part, args.cpus_per_task)
+            try:
+                new_records = render_ray(todo, settings, args.out, args.ray_address, args.maxsize, on_part,
+                                         args.cpus_per_task)
+            except RayConnectError as error:
+                print(f"render: {error}", file=sys.stderr)
+                return 2
         else:
             skipped = 0
 

@@ -27,6 +27,10 @@ from data_pipeline.render.parts import Part, write_part
 from data_pipeline.render.settings import RenderSettings
 
 _RENDERER: BlenderRenderer | None = None  # one Blender per worker process
+
+
+class RayConnectError(RuntimeError):
+    """--ray-address names no reachable cluster."""
 TASK_MAX_RETRIES = 3
 
 
@@ -116,6 +120,21 @@ def _ray_render_part(out: str, part: Part, settings: RenderSettings, maxsize: in
     return write_part(out, part, results, maxsize, storage_options)
 
 
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Fail fast on a HOST:PORT nobody listens on (ray.init would retry for minutes)."""
+    import socket
+
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if address in ("auto", "local") or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as error:
+        raise RayConnectError(f"cannot connect to the Ray cluster at {address!r} ({error})") from None
+
+
 def render_ray(parts: list[Part], settings: RenderSettings, out: str, address: str, maxsize: int,
                on_part: Callable[[Part, dict | None, str | None], None], cpus_per_task: float = 1.0,
                storage_options: dict | None = None) -> list[dict]:
@@ -125,7 +144,12 @@ def render_ray(parts: list[Part], settings: RenderSettings, out: str, address: s
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # see DESIGN.md: no token files on local clusters
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        _check_reachable(address)
+        try:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            raise RayConnectError(f"cannot connect to the Ray cluster at {address!r} ({type(error).__name__}: "
+                                  f"{str(error).strip().splitlines()[0] if str(error).strip() else ''})") from None
     try:
         task = ray.remote(_ray_render_part).options(num_cpus=cpus_per_task, max_retries=TASK_MAX_RETRIES,
                                                     name="render_part")
