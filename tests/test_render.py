@@ -18,8 +18,7 @@ import sys
 import numpy as np
 import pytest
 
-trimesh = pytest.importorskip("trimesh")
-pytest.importorskip("bpy", reason="needs the [render] extra (bpy)")
+import trimesh  # noqa: E402  (the dev extra; bpy, the [render] extra, is used by the command under test)
 
 from data_pipeline.render.example_meshes import make_meshes, textured_sphere  # noqa: E402
 from data_pipeline.schema import decode_image, decode_mask, parse_sample  # noqa: E402
@@ -370,7 +369,7 @@ def test_a_blender_worker_that_dies_is_replaced_and_the_output_is_complete(tmp_p
     import signal
     import time
 
-    psutil = pytest.importorskip("psutil")
+    import psutil  # noqa: E402  (comes with ray[default])
     folder = tmp_path / "in"
     folder.mkdir()
     for i in range(4):

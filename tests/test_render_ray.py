@@ -19,9 +19,8 @@ import time
 
 import pytest
 
-trimesh = pytest.importorskip("trimesh")
-pytest.importorskip("bpy", reason="needs the [render] extra (bpy)")
-psutil = pytest.importorskip("psutil")
+import trimesh  # noqa: E402  (the dev extra; bpy, the [render] extra, is used by the command under test)
+import psutil  # noqa: E402  (comes with ray[default])
 
 from tests.test_render import ROOT, read_samples, run_render, tree_bytes  # noqa: E402
 
