@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from data_pipeline import storage
@@ -94,12 +96,27 @@ def start_run(out: str, settings: RenderSettings, jobs: list[MeshJob], objects_p
 
 
 def finished_parts(out: str, parts: list[Part], storage_options: dict | None = None) -> dict[int, dict]:
-    """Manifest records of the parts already complete in ``out``."""
+    """Manifest records of the parts already complete in ``out``.
+
+    One listing of the manifest folder, then only the records that exist are read, in parallel
+    (10 000 parts on an object store would otherwise be 10 000 sequential requests).
+    """
+    folder = storage.join(out, MANIFEST_DIR)
+    fs, path = storage.filesystem(folder, storage_options)
+    try:
+        names = {posixpath.basename(str(p).rstrip("/")) for p in fs.ls(path, detail=False)}
+    except FileNotFoundError:
+        return {}
+    present = [part for part in parts if f"part-{part.index:06d}.json" in names]
+
+    def read(part: Part) -> tuple[Part, dict | None]:
+        return part, _read_json(_manifest_url(out, f"part-{part.index:06d}.json"), storage_options)
+
     done = {}
-    for part in parts:
-        record = _read_json(_manifest_url(out, f"part-{part.index:06d}.json"), storage_options)
-        if record is not None and record.get("objects") == [j.object_id for j in part.jobs]:
-            done[part.index] = record
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        for part, record in pool.map(read, present):
+            if record is not None and record.get("objects") == [j.object_id for j in part.jobs]:
+                done[part.index] = record
     return done
 
 
