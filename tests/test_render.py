@@ -399,3 +399,27 @@ def test_a_blender_worker_that_dies_is_replaced_and_the_output_is_complete(tmp_p
     assert process.returncode == 0, stderr[-3000:]
     assert "a Blender worker died" in stderr
     assert tree_bytes(out) == tree_bytes(whole)
+
+
+def test_fbx_renders_in_its_own_axes(tmp_path):
+    """FBX (trimesh cannot write it: Blender writes it here, from a PLY, axes unconverted): the PLY's
+    vertices, moved by the recorded mesh_to_world, match the FBX's rendered masks."""
+    mesh = trimesh.creation.icosphere(subdivisions=2)
+    mesh.apply_scale([2.0, 0.6, 1.0])
+    mesh.apply_translation([3.0, -1.0, 0.5])
+    ply, fbx = str(tmp_path / "blob.ply"), str(tmp_path / "blob.fbx")
+    mesh.export(ply)
+    script = ("import sys, bpy\nbpy.ops.wm.read_factory_settings(use_empty=True)\n"
+              "bpy.ops.wm.ply_import(filepath=sys.argv[1], forward_axis='Y', up_axis='Z')\n"
+              "bpy.ops.export_scene.fbx(filepath=sys.argv[2], axis_forward='Y', axis_up='Z')\n")
+    made = subprocess.run([sys.executable, "-c", script, ply, fbx], capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0 and os.path.isfile(fbx), made.stderr[-2000:]
+    out = str(tmp_path / "out")
+    done = run_render(fbx, "--out", out, "--engine", "workbench", "--views", "3", "--resolution", "64")
+    assert done.returncode == 0, done.stderr[-3000:]
+    sample = read_samples(out)["blob"]
+    M = np.asarray(sample.extra["mesh_to_world"])
+    world = mesh.vertices @ M[:3, :3].T + M[:3, 3]
+    for i in range(3):
+        score = iou(decode_mask(sample.masks[i]) >= 128, silhouette(world, mesh.faces, sample.intrinsics[i], sample.c2w[i], 64))
+        assert score >= 0.95, f"view {i}: IoU {score:.3f}"

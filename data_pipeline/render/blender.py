@@ -12,7 +12,8 @@ recorded as ``mesh_to_world`` maps the coordinates of the file's scene *as a gen
   ``mesh_to_world = N @ GLTF_TO_BLENDER``;
 * OBJ, PLY and STL are imported with Blender's axis conversion switched off (forward +Y, up +Z),
   so ``mesh_to_world = N``;
-* FBX: in the axes and units Blender's FBX importer gives (trimesh cannot read FBX).
+* FBX: imported with axis conversion off too, in the units Blender's FBX importer gives
+  (trimesh cannot read FBX; a Blender-written FBX round-trips its source's coordinates).
 
 N is the normalisation: a uniform scale and a translation that put the centre of the object's
 bounding box at the origin and its largest half-extent at ``fit * box``.
