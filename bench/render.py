@@ -118,6 +118,7 @@ def main() -> None:
                      "objects_per_s_1_worker": round(one, 3), "objects_per_s_2_workers": round(two, 3),
                      "speedup": round(two / one, 2)}
     result["load_average_end"] = os.getloadavg()[0]
+    shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result))
 
 

@@ -139,7 +139,6 @@ class BlenderRenderer:
             self.bpy = import_bpy()
         self.threads = threads
         self.import_seconds = time.perf_counter() - start
-        self._tmp = tempfile.mkdtemp(prefix="goembed-render-")
 
     # -- scene ------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -261,7 +260,7 @@ class BlenderRenderer:
 
         bpy = self.bpy
         seconds = {}
-        with quiet_output(self.log_path):
+        with quiet_output(self.log_path), tempfile.TemporaryDirectory(prefix="goembed-render-") as tmp:
             start = time.perf_counter()
             self.reset()
             seconds["reset"] = time.perf_counter() - start
@@ -303,7 +302,7 @@ class BlenderRenderer:
                 c2ws.append(blender_to_opencv_c2w(np.array(camera.matrix_world, dtype=np.float64)))
                 P = camera.calc_matrix_camera(depsgraph, x=settings.resolution, y=settings.resolution)
                 Ks.append(intrinsics_from_projection(np.array(P, dtype=np.float64), settings.resolution, settings.resolution))
-                out = os.path.join(self._tmp, f"view{i:03d}.png")
+                out = os.path.join(tmp, f"view{i:03d}.png")
                 bpy.context.scene.render.filepath = out
                 bpy.ops.render.render(write_still=True)
                 with Image.open(out) as image:

@@ -17,7 +17,6 @@ import concurrent.futures
 import multiprocessing
 import os
 import sys
-import tempfile
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable
 
@@ -42,10 +41,11 @@ def available_cores() -> int:
 
 
 def worker_renderer(threads: int) -> BlenderRenderer:
+    """This process's Blender. Its own prints go to the file $GOEMBED_RENDER_LOG names (PID appended), else nowhere."""
     global _RENDERER
     if _RENDERER is None:
-        log = os.path.join(tempfile.gettempdir(), f"goembed-render-{os.getpid()}.log")
-        _RENDERER = BlenderRenderer(threads=threads, log_path=log)
+        log = os.environ.get("GOEMBED_RENDER_LOG")
+        _RENDERER = BlenderRenderer(threads=threads, log_path=f"{log}.{os.getpid()}" if log else None)
     return _RENDERER
 
 
