@@ -105,9 +105,14 @@ def test_every_mesh_is_rendered_with_masks_and_metadata(rendered):
         assert sample.num_views == VIEWS and sample.masks is not None and len(sample.masks) == VIEWS
         assert sample.extra["source_file"] == paths[object_id]
         assert np.asarray(sample.extra["mesh_to_world"]).shape == (4, 4)
+        assert sample.extra["warnings"] == []
         for i in range(VIEWS):
             mask = decode_mask(sample.masks[i], RESOLUTION, RESOLUTION)
             assert mask.max() == 255 and mask.min() == 0
+            # the automatic distance keeps the whole object in view, filling it
+            assert mask[[0, -1], :].max() == 0 and mask[:, [0, -1]].max() == 0
+            rows, cols = np.nonzero(mask)
+            assert max(rows.max() - rows.min(), cols.max() - cols.min()) > 0.3 * RESOLUTION
     validate = subprocess.run([sys.executable, "-m", "data_pipeline.validate", os.path.join(out, "shard-*.tar"),
                                "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert validate.returncode == 0, validate.stdout
@@ -167,7 +172,8 @@ def test_cameras_come_from_the_seed_and_object_id_and_look_at_the_box(rendered):
 
     settings = RenderSettings(views=VIEWS, resolution=RESOLUTION, engine="workbench", seed=3)
     for object_id, sample in samples.items():
-        positions, _ = camera_positions(settings, object_id)
+        lo, hi = np.asarray(sample.extra["object_bbox"])
+        positions, _ = camera_positions(settings, object_id, float(np.linalg.norm((hi - lo) / 2)))
         np.testing.assert_allclose(sample.c2w[:, :3, 3], positions, atol=1e-5)
         # OpenCV: +z looks at the origin
         forward = sample.c2w[:, :3, 2]
@@ -423,3 +429,12 @@ def test_fbx_renders_in_its_own_axes(tmp_path):
     for i in range(3):
         score = iou(decode_mask(sample.masks[i]) >= 128, silhouette(world, mesh.faces, sample.intrinsics[i], sample.c2w[i], 64))
         assert score >= 0.95, f"view {i}: IoU {score:.3f}"
+
+
+def test_a_camera_too_close_is_warned_of(tmp_path):
+    path = str(tmp_path / "cube.ply")
+    trimesh.creation.box((1.0, 1.0, 1.0)).export(path)
+    done = run_render(path, "--out", str(tmp_path / "out"), "--engine", "workbench", "--views", "2", "--resolution", "32",
+                      "--camera-distance", "1.6")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "the object touches the image border in 2 view(s)" in done.stderr

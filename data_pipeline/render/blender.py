@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipeline.cameras import blender_to_opencv_c2w
-from data_pipeline.render.settings import RenderSettings
+from data_pipeline.render.settings import RenderSettings, camera_positions
 
 # glTF +Y up -> Blender +Z up, as Blender's glTF importer converts (x, y, z) -> (x, -z, y).
 GLTF_TO_BLENDER = np.array([[1.0, 0, 0, 0], [0, 0, -1.0, 0], [0, 1.0, 0, 0], [0, 0, 0, 1.0]])
@@ -81,6 +81,7 @@ class RenderedObject:
     mesh_to_world: np.ndarray  # (4, 4)
     normalisation: dict
     object_bbox: list  # [[x, y, z] min, [x, y, z] max] in the world of the cameras
+    cameras: dict  # the sampled azimuth, elevation and distance of every view
     num_faces: int
     warnings: list[str] = field(default_factory=list)
     seconds: dict = field(default_factory=dict)  # reset / import / render
@@ -254,8 +255,8 @@ class BlenderRenderer:
         return camera
 
     # -- one object -------------------------------------------------------------------------
-    def render(self, path: str, positions: np.ndarray, settings: RenderSettings) -> RenderedObject:
-        """Render the mesh at ``path`` from cameras at ``positions`` (V, 3) looking at the origin."""
+    def render(self, path: str, object_id: str, settings: RenderSettings) -> RenderedObject:
+        """Render the mesh at ``path`` from the cameras of ``object_id`` (see settings.camera_positions)."""
         from mathutils import Matrix, Vector  # Blender's own maths, for its own matrices
 
         bpy = self.bpy
@@ -289,6 +290,8 @@ class BlenderRenderer:
                 if obj.parent is None:
                     obj.matrix_world = N_blender @ obj.matrix_world
             warnings = [f"missing texture {name}: rendered untextured" for name in self._missing_textures()]
+            half_extents = (hi - lo) / 2.0 * normalisation["scale"]
+            positions, spherical = camera_positions(settings, object_id, float(np.linalg.norm(half_extents)))
             self._setup_render(settings)
             camera = self._camera(settings)
             depsgraph = bpy.context.evaluated_depsgraph_get()
@@ -310,5 +313,10 @@ class BlenderRenderer:
                 os.remove(out)
             seconds["render"] = time.perf_counter() - start
         object_bbox = [(N[:3, :3] @ lo + N[:3, 3]).tolist(), (N[:3, :3] @ hi + N[:3, 3]).tolist()]
+        border = [i for i, image in enumerate(rgba) if max(image[0, :, 3].max(), image[-1, :, 3].max(),
+                                                            image[:, 0, 3].max(), image[:, -1, 3].max()) > 0]
+        if border:  # only possible with a manual --camera-distance: the object is cut off there
+            warnings.append(f"the object touches the image border in {len(border)} view(s) (first: view {border[0]}); "
+                            f"raise --camera-distance or lower --fit")
         return RenderedObject(rgba, np.stack(Ks), np.stack(c2ws), N @ file_to_blender, normalisation, object_bbox,
-                              faces, warnings, seconds)
+                              spherical, faces, warnings, seconds)

@@ -3,7 +3,7 @@
 Usage::
 
     python -m data_pipeline.render MESH_OR_DIR_OR_URL... --out DIR_OR_URL [--views N] [--resolution R]
-        [--engine cycles|workbench] [--samples S] [--cameras random|orbit] [--camera-distance MIN..MAX]
+        [--engine cycles|workbench] [--samples S] [--cameras random|orbit] [--camera-distance auto|MIN..MAX]
         [--elevation-deg MIN..MAX] [--fov-deg F] [--background R,G,B] [--lighting sun|uniform] [--seed S]
         [--box B] [--fit F] [--max-faces N] [--maxcount N] [--maxsize BYTES] [--workers W]
         [--ray-address ADDR] [--cpus-per-task C]
@@ -53,6 +53,10 @@ def float_range(text: str) -> tuple[float, float]:
     return values[0], values[1]
 
 
+def distance_range(text: str) -> tuple[float, float] | None:
+    return None if text.strip().lower() == "auto" else float_range(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = RenderSettings()
     p = argparse.ArgumentParser(prog="python -m data_pipeline.render", description="Render meshes with Blender into "
@@ -64,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=ENGINES, default=defaults.engine, help="cycles (path traced, default) or workbench (fast, raster)")
     p.add_argument("--samples", type=positive_int, default=defaults.samples, help=f"Cycles samples per pixel (default {defaults.samples})")
     p.add_argument("--cameras", choices=CAMERA_MODES, default=defaults.camera_mode, help="random (uniform on the sphere band) or orbit (even azimuths at the mid elevation)")
-    p.add_argument("--camera-distance", type=float_range, default=defaults.camera_distance, metavar="MIN..MAX", help="camera distance from the centre, in box half-sizes (default 2.0..2.6)")
+    p.add_argument("--camera-distance", type=distance_range, default=defaults.camera_distance, metavar="MIN..MAX|auto",
+                   help="camera distance from the centre, in box half-sizes; auto (default): per object, where the "
+                        "bounding sphere of its box fills 90%% of the field of view (all of it in every view)")
     p.add_argument("--elevation-deg", type=float_range, default=defaults.elevation_deg, metavar="MIN..MAX", help="camera elevation in degrees (default -10..40)")
     p.add_argument("--fov-deg", type=positive_float, default=defaults.fov_deg, help=f"field of view in degrees (default {defaults.fov_deg})")
     p.add_argument("--background", type=background_colour, default=defaults.background, help="r,g,b in [0,1] (or white/black/gray) that the views are composited on (default white)")

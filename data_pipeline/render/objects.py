@@ -12,7 +12,7 @@ import numpy as np
 
 from data_pipeline import storage
 from data_pipeline.render.blender import BlenderRenderer, MeshError
-from data_pipeline.render.settings import RenderSettings, camera_positions
+from data_pipeline.render.settings import RenderSettings
 from data_pipeline.schema import ObjectSample, encode_image, encode_mask
 
 SOURCE_NAME = "blender-render"
@@ -74,11 +74,10 @@ def local_copy(url: str):
 def render_object(renderer: BlenderRenderer, job: MeshJob, settings: RenderSettings) -> ObjectResult:
     """Render one mesh into a sample; any failure becomes an ObjectResult with the reason."""
     try:
-        positions, spherical = camera_positions(settings, job.object_id)
         with local_copy(job.url) as path:
             if not os.path.isfile(path):
                 raise MeshError("file not found")
-            rendered = renderer.render(path, positions, settings)
+            rendered = renderer.render(path, job.object_id, settings)
     except MeshError as error:
         return ObjectResult(job.object_id, job.url, error=str(error))
     except Exception as error:  # anything else Blender or the storage raised: skip, named
@@ -94,7 +93,7 @@ def render_object(renderer: BlenderRenderer, job: MeshJob, settings: RenderSetti
         "normalisation": rendered.normalisation,
         "object_bbox": rendered.object_bbox,
         "num_faces": rendered.num_faces,
-        "cameras": spherical,
+        "cameras": rendered.cameras,
         "render": {"engine": settings.engine, "samples": settings.samples if settings.engine == "cycles" else None,
                    "lighting": settings.lighting, "seed": settings.seed, "fov_deg": settings.fov_deg},
         "warnings": rendered.warnings,
