@@ -122,6 +122,9 @@ def test_ply_reads_back_in_trimesh(tmp_path, ellipsoid):
     np.testing.assert_array_equal(mesh.faces, faces)
     np.testing.assert_array_equal(mesh.visual.vertex_colors[:, :3], colours)
     assert trimesh.load(tmp_path / "m.ply").vertices.shape == vertices.shape  # default processing merges nothing
+    write_ply(tmp_path / "empty.ply", np.zeros((0, 3)), np.zeros((0, 3), int))  # an empty surface: still a valid file
+    header = (tmp_path / "empty.ply").read_bytes().split(b"end_header")[0]
+    assert b"element vertex 0" in header and b"element face 0" in header
 
 
 def test_glb_reads_back_in_trimesh(tmp_path, ellipsoid):
