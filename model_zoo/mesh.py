@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import trimesh
 
 from model_zoo.marching_tetrahedra import edge_use_counts, marching_tetrahedra
 
@@ -112,7 +111,9 @@ def _atomic_write(path: str | os.PathLike, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _trimesh(vertices, faces, colors, visual=None) -> trimesh.Trimesh:
+def _trimesh(vertices, faces, colors, visual=None):
+    import trimesh
+
     # process=False: keep the vertices and faces exactly as given (no merging, no reordering)
     return trimesh.Trimesh(vertices=vertices, faces=faces, vertex_colors=None if visual else colors, visual=visual,
                            process=False, validate=False)
@@ -137,6 +138,8 @@ def write_glb(path: str | os.PathLike, vertices: np.ndarray, faces: np.ndarray, 
     (positions stay exactly as given; viewers show the object upright). An empty mesh gives a
     valid file with an empty scene.
     """
+    import trimesh  # here, not at the top: it takes a second or two to import (scipy)
+
     vertices, faces, colors = _check_mesh(vertices, faces, colors)
     scene = trimesh.Scene()
     if len(faces):
