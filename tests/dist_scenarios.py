@@ -124,6 +124,11 @@ def guard(args: dict) -> dict:
     except RuntimeError:
         report["guard_refuses_wrong_device"] = True
         report["violations"].pop()
+    # Who decides what `latest` is: rank 0 reads it, every rank gets its answer (here rank 1's own
+    # reading is made to disagree, as it can on a shared filesystem with caching).
+    if env.rank == 1:
+        trainer.checkpoints.read_latest = lambda: "step_99999999"
+    report["latest_seen"] = trainer.checkpoints.latest_tag()
     # The real loop: restore (rank 0 reads `latest`), steps, a log record, a checkpoint.
     trainer.restore()
     for _ in range(args["steps"]):

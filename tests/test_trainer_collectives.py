@@ -6,6 +6,7 @@ scenario "guard"). A tensor collective must get tensors on the device the test f
 trainer's own device, here "cpu", while torch's default device is made "meta" around the helpers
 so that a tensor built without naming its device shows up on the wrong device, as a CPU tensor
 does on a GPU rank); the trainer's object collectives and barriers must use its gloo object group.
+The same run checks that ``latest`` is what rank 0 reads (defect 4), whatever another rank reads.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def test_every_collective_is_on_the_device_or_the_gloo_object_group(shards, tmp_
     for rank, report in enumerate(reports):
         assert report["guard_refuses_wrong_device"], "the guard must be able to fail"
         assert report["violations"] == [], report["violations"]
+        assert report["latest_seen"] is None, "rank 0 found no checkpoint; rank 1's own reading must not count"
         assert report["helpers"] == {"flags": [True, False, True], "gathered": [0, 1], "broadcast": "from 0"}
         # the trainer's own collectives were seen (restore broadcasts `latest`, the log gathers memory, save barriers)
         assert report["trainer_calls"].get("broadcast_object_list", 0) >= 1
