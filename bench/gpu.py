@@ -1,0 +1,138 @@
+"""GPU benchmark of real bf16 training steps on one GPU (NCCL, world size 1), through the Trainer.
+
+    python bench/gpu.py [--presets tiny,small,base] [--resolutions 64,128] [--steps 8] [--warmup 3]
+
+Prints one JSON line. Per (preset, resolution): the median step time (``torch.cuda.synchronize``
+around each step), objects/s, rays/s (every encoded pixel plus the loss's rays), peak GPU memory
+per object (``torch.cuda.max_memory_allocated`` over the run / objects per step), the share of
+the step spent waiting for data (time in ``next(batch)`` / step time), and the denoiser's MFU:
+its forward + backward FLOPs for one step (counted by ``torch.utils.flop_counter`` on the step's
+encoding) / step time / the GPU's dense bf16 peak (a table by device name; null when unknown).
+bench/gpu_check.sh runs it; on a machine without CUDA it exits with an error saying so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, from NVIDIA's data sheets (SXM parts).
+PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+
+
+def peak_flops(name: str) -> float | None:
+    return next((value for key, value in PEAK_BF16.items() if key in name), None)
+
+
+def denoiser_flops(model, encoding, t) -> int:
+    """FLOPs of one forward + backward of the denoiser on ``encoding``."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = encoding.detach().requires_grad_(True)
+    with FlopCounterMode(display=False) as counter:
+        out = model.denoise(x, t)
+        out.float().sum().backward()
+    model.zero_grad(set_to_none=True)
+    del out
+    torch.cuda.synchronize()
+    return counter.get_total_flops()
+
+
+def run_one(preset: str, resolution: int, data: str, steps: int, warmup: int, batch_size: int, workdir: str) -> dict:
+    import torch
+
+    from trainer.config import load_config
+    from trainer.trainer import Trainer, rays_of
+
+    values = {"run_dir": os.path.join(workdir, f"{preset}_{resolution}"), "data.train_urls": data,
+              "data.holdout_urls": "null", "data.batch_size": batch_size, "data.resolution": resolution,
+              "data.num_workers": 4, "model.preset": preset, "distributed.precision": "bf16",
+              "distributed.zero_stage": 2, "train.device": "cuda", "log.tensorboard": "false"}
+    trainer = Trainer(load_config(None, [f"{k}={v}" for k, v in values.items()]))
+    torch.cuda.reset_peak_memory_stats()
+    seconds, waits, objects, rays = [], [], 0, 0
+    for index in range(warmup + steps):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        batches, waited = trainer.next_micro_batches()
+        result = trainer.train_step(batches)
+        torch.cuda.synchronize()
+        if index >= warmup:
+            seconds.append(time.perf_counter() - started)
+            waits.append(waited)
+            objects = result.objects
+            rays = result.rays
+    batch = batches[0].to(trainer.env.device)
+    with trainer.precision(), torch.no_grad():
+        from model_zoo.goembedfusion import Views
+
+        views = Views(batch.context_images, batch.context_K, batch.context_c2w)
+        encoding = trainer.model.encode(views, batch.background)
+    t = torch.full((batch.num_objects,), 500, device=trainer.env.device, dtype=torch.long)
+    with trainer.precision():
+        flops = denoiser_flops(trainer.model, encoding, t)
+    median = statistics.median(seconds)
+    peak = peak_flops(torch.cuda.get_device_name())
+    result = {
+        "preset": preset, "resolution": resolution, "objects_per_step": objects, "timed_steps": len(seconds),
+        "step_seconds_median": round(median, 5), "objects_per_s": round(objects / median, 2),
+        "rays_per_s": round(rays / median, 1),
+        "peak_memory_mb_per_object": round(torch.cuda.max_memory_allocated() / 2**20 / objects, 2),
+        "data_wait_fraction": round(sum(waits) / sum(seconds), 4),
+        "denoiser_flops_per_step": flops,
+        "denoiser_mfu": round(flops / median / peak, 5) if peak else None,
+        "final_loss": round(float(result.metrics["loss"]), 5),
+        "rays_per_step_check": rays_of(batch, trainer.model),
+    }
+    trainer.engine.destroy()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", default="tiny,small,base")
+    parser.add_argument("--resolutions", default="64,128")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--objects", type=int, default=64)
+    args = parser.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("error: bench/gpu.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from data_pipeline.synthetic import generate_dataset
+
+    resolutions = [int(r) for r in args.resolutions.split(",") if r]
+    started = time.perf_counter()
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="bench_gpu_") as workdir:
+        data = generate_dataset(os.path.join(workdir, "data"), objects=args.objects, views=8,
+                                resolution=max(resolutions), seed=0, holdout_fraction=0.0, progress=False)["train_pattern"]
+        for preset in [p for p in args.presets.split(",") if p]:
+            for resolution in resolutions:
+                try:
+                    runs.append(run_one(preset, resolution, data, args.steps, args.warmup, args.batch_size, workdir))
+                except Exception as error:  # a preset that does not fit is a result, not a crash
+                    runs.append({"preset": preset, "resolution": resolution, "error": repr(error)[-800:]})
+                    torch.cuda.empty_cache()
+                print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+    print(json.dumps({"bench": "gpu", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                      "precision": "bf16", "zero_stage": 2, "world_size": 1, "runs": runs,
+                      "peak_bf16_flops": peak_flops(torch.cuda.get_device_name()),
+                      "total_wall_s": round(time.perf_counter() - started, 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
