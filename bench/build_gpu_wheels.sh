@@ -12,10 +12,24 @@ set -euo pipefail
 OUT="${1:?usage: bash bench/build_gpu_wheels.sh WHEEL_DIR [PYTHON_VERSION]}"
 PY="${2:-3.12}"
 mkdir -p "$OUT"
-DEEPSPEED="deepspeed==$(python -c 'import deepspeed; print(deepspeed.__version__)' 2>/dev/null || echo 0.19.8)"
-python -m pip wheel --no-deps -q -w "$OUT" "$DEEPSPEED"
+DEEPSPEED="deepspeed==$(python -c 'from importlib.metadata import version; print(version("deepspeed"))' 2>/dev/null || echo 0.19.8)"
+python -m pip wheel --no-deps --no-build-isolation -q -w "$OUT" "$DEEPSPEED"  # its setup.py needs torch: the local one
+# Each pinned to the version installed here, where it is (a set known to work with this DeepSpeed,
+# e.g. pydantic with its matching pydantic-core).
+PACKAGES=(hjson ninja py-cpuinfo pydantic pydantic-core annotated-types typing-inspection msgpack psutil einops
+          webdataset braceexpand fsspec safetensors pyyaml packaging typing-extensions)
+PINNED=$(python - "${PACKAGES[@]}" <<'PY'
+import sys
+from importlib.metadata import PackageNotFoundError, version
+for name in sys.argv[1:]:
+    try:
+        print(f"{name}=={version(name)}")
+    except PackageNotFoundError:
+        print(name)
+PY
+)
+# shellcheck disable=SC2086
 python -m pip download --only-binary=:all: --no-deps -q --python-version "$PY" \
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --platform any \
-    -d "$OUT" hjson ninja py-cpuinfo pydantic pydantic-core annotated-types typing-inspection msgpack psutil einops \
-    webdataset braceexpand fsspec safetensors pyyaml packaging typing-extensions
+    -d "$OUT" $PINNED
 ls -1 "$OUT"

@@ -29,6 +29,17 @@ from trainer.trainer import Trainer
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+@pytest.fixture(autouse=True)
+def one_process_group(monkeypatch):
+    """A one-rank group in this process; the variables are undone after the test, so processes
+    started by later tests (launchers, Ray workers) do not inherit RANK=0 WORLD_SIZE=1."""
+    from trainer.distributed import free_port
+
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", str(free_port()))):
+        monkeypatch.setenv(name, value)
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("data"))

@@ -133,7 +133,8 @@ class Checkpointer:
         if model is not None:
             from trainer.portable import gather_weights, write_portable
 
-            trained, averaged = gather_weights(engine, ema, self.env.device)  # collective under ZeRO-3
+            # collective under ZeRO-3; only rank 0 keeps the whole copy
+            trained, averaged = gather_weights(engine, ema, self.env.device, keep=self.env.is_main)
             if self.env.is_main:
                 write_portable(local_dir, model.config, trained, averaged, state.step)
         if self.env.is_main:
@@ -238,7 +239,8 @@ class Checkpointer:
                 os.makedirs(os.path.dirname(target), exist_ok=True)
                 fs.get(f"{base}/{tag}/{name}", target)
         barrier()
-        if manifest["world_size"] == self.env.world_size:
+        sharded = any(name.startswith("zero_pp_rank_") for name in manifest["files"])
+        if manifest["world_size"] == self.env.world_size or not sharded:  # ZeRO-0: whole states, any ranks
             load_path, _ = engine.load_checkpoint(os.path.dirname(local_dir), tag=tag, load_module_strict=True,
                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
         else:

@@ -47,12 +47,14 @@ class EMA:
             self.shadow[i].copy_(state[name])
 
     @torch.no_grad()
-    def full_state_dict(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """Whole fp32 tensors on the CPU. Under ZeRO-3 collective: every rank must call it."""
+    def full_state_dict(self, device: torch.device, keep: bool = True) -> dict[str, torch.Tensor]:
+        """Whole fp32 tensors on the CPU. Under ZeRO-3 collective: every rank must call it
+        (``keep=False``: take part, keep nothing)."""
         out = {}
         for name, shadow, param in zip(self.names, self.shadow, self._params):
             if not hasattr(param, "ds_tensor"):
-                out[name] = shadow.detach().cpu().clone()
+                if keep:
+                    out[name] = shadow.detach().cpu().clone()
                 continue
             world = dist.get_world_size() if dist.is_initialized() else 1
             local = shadow.to(device)
@@ -61,8 +63,8 @@ class EMA:
                 dist.all_gather(parts, local)
             else:
                 parts = [local]
-            numel = param.ds_numel
-            out[name] = torch.cat(parts)[:numel].reshape(param.ds_shape).cpu()
+            if keep:
+                out[name] = torch.cat(parts)[:param.ds_numel].reshape(param.ds_shape).cpu()
         return out
 
     @torch.no_grad()

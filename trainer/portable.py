@@ -44,11 +44,14 @@ def _keep(name: str) -> bool:
     return not name.startswith(TRAINING_ONLY_PREFIXES)
 
 
-def gather_weights(engine, ema, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+def gather_weights(engine, ema, device: torch.device,
+                   keep: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """(trained fp32 weights, EMA weights or None), whole, on the CPU. Collective: every rank calls it.
 
     Trained: DeepSpeed's fp32 master copy where it keeps one (ZeRO 1-3, bf16), else the
-    parameter itself. Buffers come from the module (never partitioned).
+    parameter itself. Buffers come from the module (never partitioned). ``keep=False`` (ranks
+    other than the writer): take part in the gathers, drop each tensor at once, return empty dicts,
+    so only one process per job holds a whole copy in host memory.
     """
     from deepspeed.utils import safe_get_full_fp32_param
 
@@ -58,15 +61,16 @@ def gather_weights(engine, ema, device: torch.device) -> tuple[dict[str, torch.T
         full = safe_get_full_fp32_param(param)
         if full is None:
             full = param.data
-        if _keep(name):
+        if _keep(name) and keep:
             trained[name] = full.detach().float().reshape(getattr(param, "ds_shape", full.shape)).cpu().clone()
+        del full
     parameter_names = {name for name, _ in module.named_parameters()}
-    for name, buffer in module.state_dict().items():
+    for name, buffer in module.state_dict().items() if keep else ():
         if name not in parameter_names and _keep(name):
             trained[name] = buffer.detach().cpu().clone()
     averaged = None
     if ema is not None:
-        averaged = {name: tensor for name, tensor in ema.full_state_dict(device).items() if _keep(name)}
+        averaged = {name: tensor for name, tensor in ema.full_state_dict(device, keep).items() if _keep(name)}
         averaged.update({name: tensor for name, tensor in trained.items() if name not in parameter_names})
     return trained, averaged
 
