@@ -68,7 +68,7 @@ def guard(args: dict) -> dict:
     import torch.distributed as dist
 
     from trainer import distributed as td
-    from trainer.trainer import Trainer
+    from trainer.trainer import Trainer, _Window
 
     forced = torch.device(args["device"])
     report = {"violations": [], "calls": {}, "trainer_calls": {}, "per_step": []}
@@ -136,17 +136,10 @@ def guard(args: dict) -> dict:
         batches, _ = trainer.next_micro_batches()
         trainer.train_step(batches)
         report["per_step"].append({k: report["trainer_calls"].get(k, 0) - before.get(k, 0) for k in report["trainer_calls"]})
-    trainer.log_record(trainer.train_step(trainer.next_micro_batches()[0]), _window(trainer))
+    trainer.log_record(trainer.train_step(trainer.next_micro_batches()[0]), _Window(seconds=1.0, steps=1))
     trainer.save()
     report["optimizer_steps"] = int(trainer.engine.global_steps)
     return report
-
-
-def _window(trainer):
-    from trainer.trainer import _Window
-
-    window = _Window(seconds=1.0, steps=1)
-    return window
 
 
 def precision(args: dict) -> dict:

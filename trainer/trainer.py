@@ -21,7 +21,7 @@ import os
 import resource
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 import yaml
@@ -85,7 +85,6 @@ class _Window:
     objects: int = 0
     rays: int = 0
     steps: int = 0
-    extra: dict = field(default_factory=dict)
 
     def add(self, result: StepResult) -> None:
         self.seconds += result.seconds
