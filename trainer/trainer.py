@@ -249,6 +249,7 @@ class Trainer:
         )
         for rank, megabytes in enumerate(all_gather_objects(peak_memory_mb(self.env))):
             record[f"peak_memory_mb_rank{rank}"] = megabytes
+        # Per-run data counters (the reader's skipped samples, summed over ranks) belong here too.
         return record
 
     # -- checkpoints -------------------------------------------------------------------------------
