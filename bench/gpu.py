@@ -32,17 +32,23 @@ def peak_flops(name: str) -> float | None:
     return next((value for key, value in PEAK_BF16.items() if key in name), None)
 
 
-def denoiser_flops(model, encoding, t) -> int:
-    """FLOPs of one forward + backward of the denoiser on ``encoding``."""
+def denoiser_flops(model_config, encoding, t) -> int:
+    """FLOPs of one forward + backward of the denoiser on ``encoding``.
+
+    Counted on a fresh copy of the same architecture (FLOPs do not depend on the weights), so the
+    engine's gradient hooks never see this backward.
+    """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = encoding.detach().requires_grad_(True)
+    from model_zoo.goembedfusion import GOEmbedFusion
+
+    denoiser = GOEmbedFusion(model_config).denoiser.to(encoding.device)
+    x = encoding.detach().float().requires_grad_(True)
     with FlopCounterMode(display=False) as counter:
-        out = model.denoise(x, t)
+        out = denoiser(x, t)
         out.float().sum().backward()
-    model.zero_grad(set_to_none=True)
-    del out
+    del out, denoiser
     torch.cuda.synchronize()
     return counter.get_total_flops()
 
@@ -79,7 +85,7 @@ def run_one(preset: str, resolution: int, data: str, steps: int, warmup: int, ba
         encoding = trainer.model.encode(views, batch.background)
     t = torch.full((batch.num_objects,), 500, device=trainer.env.device, dtype=torch.long)
     with trainer.precision():
-        flops = denoiser_flops(trainer.model, encoding, t)
+        flops = denoiser_flops(trainer.config.model, encoding, t)
     median = statistics.median(seconds)
     peak = peak_flops(torch.cuda.get_device_name())
     result = {
