@@ -8,7 +8,8 @@ per object (``torch.cuda.max_memory_allocated`` over the run / objects per step)
 the step spent waiting for data (time in ``next(batch)`` / step time), and the denoiser's MFU:
 its forward + backward FLOPs for one step (counted by ``torch.utils.flop_counter`` on the step's
 encoding) / step time / the GPU's dense bf16 peak (a table by device name; null when unknown).
-bench/gpu_check.sh runs it; on a machine without CUDA it exits with an error saying so.
+bench/gpu_check.sh runs it; on a machine without CUDA it exits with an error saying so, unless
+``--cpu-smoke`` (the same code on the CPU, tiny sizes: a check of this script, no GPU figure).
 """
 
 from __future__ import annotations
@@ -49,11 +50,19 @@ def denoiser_flops(model_config, encoding, t) -> int:
         out = denoiser(x, t)
         out.float().sum().backward()
     del out, denoiser
-    torch.cuda.synchronize()
+    _sync(encoding.device)
     return counter.get_total_flops()
 
 
-def run_one(preset: str, resolution: int, data: str, steps: int, warmup: int, batch_size: int, workdir: str) -> dict:
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_one(preset: str, resolution: int, data: str, steps: int, warmup: int, batch_size: int, workdir: str,
+            device: str = "cuda") -> dict:
     import torch
 
     from trainer.config import load_config
@@ -62,16 +71,20 @@ def run_one(preset: str, resolution: int, data: str, steps: int, warmup: int, ba
     values = {"run_dir": os.path.join(workdir, f"{preset}_{resolution}"), "data.train_urls": data,
               "data.holdout_urls": "null", "data.batch_size": batch_size, "data.resolution": resolution,
               "data.num_workers": 4, "model.preset": preset, "distributed.precision": "bf16",
-              "distributed.zero_stage": 2, "train.device": "cuda", "log.tensorboard": "false"}
+              "distributed.zero_stage": 2, "train.device": device, "log.tensorboard": "false"}
+    if device == "cpu":
+        values["data.num_workers"] = 0
     trainer = Trainer(load_config(None, [f"{k}={v}" for k, v in values.items()]))
-    torch.cuda.reset_peak_memory_stats()
+    on_gpu = trainer.env.device.type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
     seconds, waits, objects, rays = [], [], 0, 0
     for index in range(warmup + steps):
-        torch.cuda.synchronize()
+        _sync(trainer.env.device)
         started = time.perf_counter()
         batches, waited = trainer.next_micro_batches()
         result = trainer.train_step(batches)
-        torch.cuda.synchronize()
+        _sync(trainer.env.device)
         if index >= warmup:
             seconds.append(time.perf_counter() - started)
             waits.append(waited)
@@ -87,12 +100,12 @@ def run_one(preset: str, resolution: int, data: str, steps: int, warmup: int, ba
     with trainer.precision():
         flops = denoiser_flops(trainer.config.model, encoding, t)
     median = statistics.median(seconds)
-    peak = peak_flops(torch.cuda.get_device_name())
+    peak = peak_flops(torch.cuda.get_device_name()) if on_gpu else None
     result = {
         "preset": preset, "resolution": resolution, "objects_per_step": objects, "timed_steps": len(seconds),
         "step_seconds_median": round(median, 5), "objects_per_s": round(objects / median, 2),
         "rays_per_s": round(rays / median, 1),
-        "peak_memory_mb_per_object": round(torch.cuda.max_memory_allocated() / 2**20 / objects, 2),
+        "peak_memory_mb_per_object": round(torch.cuda.max_memory_allocated() / 2**20 / objects, 2) if on_gpu else None,
         "data_wait_fraction": round(sum(waits) / sum(seconds), 4),
         "denoiser_flops_per_step": flops,
         "denoiser_mfu": round(flops / median / peak, 5) if peak else None,
@@ -111,16 +124,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--objects", type=int, default=64)
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="run the same code on the CPU (a check of this script; no GPU figure)")
     args = parser.parse_args(argv)
     import torch
 
-    if not torch.cuda.is_available():
-        print("error: bench/gpu.py needs a CUDA GPU", file=sys.stderr)
+    device = "cpu" if args.cpu_smoke else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("error: bench/gpu.py needs a CUDA GPU (--cpu-smoke runs the same code on the CPU)", file=sys.stderr)
         return 2
     from data_pipeline.synthetic import generate_dataset
 
     resolutions = [int(r) for r in args.resolutions.split(",") if r]
     started = time.perf_counter()
+    stdout = sys.stdout
+    sys.stdout = sys.stderr  # DeepSpeed prints to stdout: keep it for the one JSON line
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench_gpu_") as workdir:
         data = generate_dataset(os.path.join(workdir, "data"), objects=args.objects, views=8,
@@ -128,14 +146,18 @@ def main(argv: list[str] | None = None) -> int:
         for preset in [p for p in args.presets.split(",") if p]:
             for resolution in resolutions:
                 try:
-                    runs.append(run_one(preset, resolution, data, args.steps, args.warmup, args.batch_size, workdir))
+                    runs.append(run_one(preset, resolution, data, args.steps, args.warmup, args.batch_size, workdir,
+                                        device))
                 except Exception as error:  # a preset that does not fit is a result, not a crash
                     runs.append({"preset": preset, "resolution": resolution, "error": repr(error)[-800:]})
-                    torch.cuda.empty_cache()
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
                 print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
-    print(json.dumps({"bench": "gpu", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    sys.stdout = stdout
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu (--cpu-smoke: not a GPU figure)"
+    print(json.dumps({"bench": "gpu", "device": name, "torch": torch.__version__,
                       "precision": "bf16", "zero_stage": 2, "world_size": 1, "runs": runs,
-                      "peak_bf16_flops": peak_flops(torch.cuda.get_device_name()),
+                      "peak_bf16_flops": peak_flops(name),
                       "total_wall_s": round(time.perf_counter() - started, 1)}))
     return 0
 

@@ -37,12 +37,12 @@ python -c "import torch, deepspeed, webdataset; print('torch', torch.__version__
 import_rc=$?
 
 echo "== pytest -m gpu" | tee -a "$LOG"
-timeout 300 python -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py --junitxml="$OUT_DIR/gpu_tests.xml" \
+timeout 240 python -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py --junitxml="$OUT_DIR/gpu_tests.xml" \
     >>"$LOG" 2>&1
 tests_rc=$?
 
 echo "== bench/gpu.py" | tee -a "$LOG"
-timeout 240 python bench/gpu.py >"$OUT_DIR/bench_gpu.json" 2>>"$LOG"
+timeout 210 python bench/gpu.py >"$OUT_DIR/bench_gpu.json" 2>>"$LOG"
 bench_rc=$?
 
 python - "$OUT_DIR" "$install_rc" "$import_rc" "$tests_rc" "$bench_rc" "$started" <<'PY' | tee "$OUT_DIR/gpu_check.json"

@@ -1,7 +1,7 @@
 """CUDA correctness (issue 10, item 10): run by ``bench/gpu_check.sh`` on a GPU machine.
 
-On a machine without CUDA every test here is skipped with the reason shown (``pytest -ra``).
-Each compares the CUDA result with the CPU result of the same computation, or trains a few real
+On a machine without CUDA every test marked ``gpu`` is skipped with the reason shown (``pytest
+-ra``); the last test (not marked) runs bench/gpu.py's code on the CPU. Each ``gpu`` test compares the CUDA result with the CPU result of the same computation, or trains a few real
 steps on one GPU over NCCL (world size 1) at fp32 and bf16 under ZeRO 0, 2 and 3.
 """
 
@@ -15,9 +15,9 @@ import torch
 from model_zoo.goembed import RayBatch, goembed
 from model_zoo.goembedfusion import GOEmbedFusion, ModelConfig
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(),
-                                 reason="needs a CUDA GPU: bench/gpu_check.sh runs these on a GPU machine")]
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU: bench/gpu_check.sh runs these on a GPU machine")
 
 
 def rays(count: int = 256, seed: int = 0):
@@ -30,6 +30,8 @@ def rays(count: int = 256, seed: int = 0):
 
 
 @pytest.mark.parametrize("representation", ["triplane", "voxel"])
+@gpu
+@needs_cuda
 def test_renderer_and_goembed_on_cuda_match_the_cpu(representation):
     torch.manual_seed(0)
     model = GOEmbedFusion(ModelConfig(representation=representation, encode_resolution=16, rays_per_view=64)).eval()
@@ -58,6 +60,8 @@ def shards(tmp_path_factory):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("stage", [0, 2, 3])
+@gpu
+@needs_cuda
 def test_training_steps_on_one_gpu_over_nccl(shards, tmp_path, precision, stage):
     import torch.distributed as dist
 
@@ -77,3 +81,24 @@ def test_training_steps_on_one_gpu_over_nccl(shards, tmp_path, precision, stage)
     assert next(trainer.engine.module.parameters()).dtype == expected
     trainer.save()  # portable weights gathered on the GPU (ZeRO-3: all-gathers over NCCL)
     trainer.engine.destroy()
+
+
+def test_the_gpu_benchmark_script_runs_its_code_on_the_cpu():
+    """Not a GPU figure: bench/gpu.py --cpu-smoke runs the same code on the CPU, so the one GPU
+    run a lent machine gets is not spent on a bug in the script."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "bench/gpu.py", "--cpu-smoke", "--presets", "tiny", "--resolutions", "32",
+                             "--steps", "2", "--warmup", "1", "--objects", "8", "--batch-size", "2"], cwd=root,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    (run,) = report["runs"]
+    assert "error" not in run, run
+    assert report["device"].startswith("cpu") and run["denoiser_mfu"] is None
+    assert run["step_seconds_median"] > 0 and run["rays_per_s"] > 0 and run["denoiser_flops_per_step"] > 0
+    assert 0 <= run["data_wait_fraction"] < 1
