@@ -6,7 +6,8 @@
 # The GPU machine has Python 3.12, torch (CUDA), Triton, pytest and torchmetrics, but no DeepSpeed,
 # webdataset, s3fs or Ray, and no network. WHEEL_DIR holds the missing wheels, built on a CPU
 # machine with network by `bash bench/build_gpu_wheels.sh WHEEL_DIR` (README, "The GPU check").
-# Steps: install those wheels (--no-index --no-deps: nothing else is touched, torch stays), run
+# Steps: install those of the wheels this Python lacks (--no-index --no-deps: nothing present is
+# touched, torch stays), run
 # the tests marked `gpu` (CUDA renderer and GOEmbed against the CPU, training steps at fp32 and
 # bf16 under ZeRO 0/2/3 over NCCL, world size 1), then bench/gpu.py (bf16 step time, objects/s,
 # rays/s, peak memory per object at 64 and 128 px for tiny, small, base; data wait; denoiser MFU).
@@ -28,9 +29,26 @@ export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$OUT_DIR/torch_extensions}"
 started=$(date +%s)
 
 ls "$WHEEL_DIR"/*.whl >/dev/null 2>&1 || { echo "error: no wheels in $WHEEL_DIR" >&2; exit 2; }
-echo "== install from $WHEEL_DIR" | tee -a "$LOG"
-python -m pip install --no-index --no-deps --disable-pip-version-check -q "$WHEEL_DIR"/*.whl >>"$LOG" 2>&1
-install_rc=$?
+echo "== install from $WHEEL_DIR (only what this Python lacks)" | tee -a "$LOG"
+# A wheel whose distribution is already installed is skipped: nothing present (torch, its
+# typing-extensions, ...) is upgraded or downgraded.
+mapfile -t MISSING < <(python - "$WHEEL_DIR"/*.whl <<'PY'
+import os, re, sys
+from importlib.metadata import PackageNotFoundError, version
+for path in sys.argv[1:]:
+    name = re.sub(r"[-_.]+", "-", os.path.basename(path).split("-")[0]).lower()
+    try:
+        version(name)
+    except PackageNotFoundError:
+        print(path)
+PY
+)
+echo "installing ${#MISSING[@]} wheel(s): ${MISSING[*]##*/}" >>"$LOG"
+install_rc=0
+if ((${#MISSING[@]})); then
+    python -m pip install --no-index --no-deps --disable-pip-version-check -q "${MISSING[@]}" >>"$LOG" 2>&1
+    install_rc=$?
+fi
 python -c "import torch, deepspeed, webdataset; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'device', torch.cuda.get_device_name() if torch.cuda.is_available() else None, 'deepspeed', deepspeed.__version__)" \
     >>"$LOG" 2>&1
