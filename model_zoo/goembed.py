@@ -148,20 +148,25 @@ def _autograd(renderer, rays, background, create_graph, normalisation):
     return -gradient, cover, out.opacity
 
 
-class _Splat(torch.autograd.Function):
-    """``representation.splat`` as an autograd op: it is linear in the values, and its adjoint is
-    ``representation.sample`` (first-order only; the points are fixed ray geometry)."""
+class _SharedSplat(torch.autograd.Function):
+    """``twin.splat_shared`` as an autograd op. It is linear in the values and its adjoint is
+    ``sample_shared`` (first-order only; the points are fixed ray geometry). Only the first
+    ``backward_twin.channels`` channels carry gradient (the coverage channel does not)."""
 
     @staticmethod
-    def forward(ctx, values, points, representation):
+    def forward(ctx, values, points, twin, backward_twin):
         ctx.save_for_backward(points)
-        ctx.representation = representation
-        return representation.splat(points, values)
+        ctx.backward_twin, ctx.axis, ctx.channels = backward_twin, twin.channel_axis + 1, twin.channels
+        return twin.splat_shared(points, values)
 
     @staticmethod
     def backward(ctx, grad):
         (points,) = ctx.saved_tensors
-        return ctx.representation.sample(grad.contiguous(), points), None, None
+        kept = ctx.backward_twin.channels
+        grad_values = ctx.backward_twin.sample_shared(grad.narrow(ctx.axis, 0, kept).contiguous(), points)
+        if kept < ctx.channels:
+            grad_values = torch.nn.functional.pad(grad_values, (0, ctx.channels - kept))
+        return grad_values, None, None, None
 
 
 def _closed_form(renderer, rays, background, create_graph, normalisation):
@@ -202,11 +207,10 @@ def _closed_form(renderer, rays, background, create_graph, normalisation):
                 counted = weights if rays.ray_weights is None else weights * rays.ray_weights.to(work).unsqueeze(-1)
                 payload.append(counted.detach().unsqueeze(-1))
             payload = torch.cat(payload, -1)  # (B, N, S, k)
-            k = payload.shape[-1]
-            blocks = representation.feature_blocks
-            values = payload.reshape(batch, -1, 1, k).expand(-1, -1, blocks, -1).reshape(batch, -1, blocks * k)
-            twin = representation.twin(k)
-            splat = _Splat.apply(values, points.reshape(batch, -1, 3).detach(), twin)  # (B, *twin shape)
+            twin = representation.twin(payload.shape[-1])
+            backward_twin = representation.twin(4) if cover else twin
+            splat = _SharedSplat.apply(payload.reshape(batch, -1, payload.shape[-1]), points.reshape(batch, -1, 3).detach(),
+                                       twin, backward_twin)  # (B, *twin shape): every block gets the same payload
             axis = representation.channel_axis + 1
             gradient = representation.apply_feature_jacobian(splat.narrow(axis, 0, 4), jacobian)
             coverage_per_view = splat.narrow(axis, 4, 1).detach() if cover else None

@@ -273,3 +273,18 @@ def test_origin_opacity_is_reported_and_stays_blank_when_psi_changes(kind):
     # σ(0) = origin_density exactly, so the opacity of a ray of length ℓ is 1 - exp(-0.01 ℓ): 1.4-3.4% in the box.
     assert 0.005 < first < 0.035 and abs(float(stats["origin_opacity"]) - first) < 1e-6
     assert abs(float(reference["origin_opacity"]) - first) < 1e-6
+
+
+def test_hash_grid_encoding_lands_only_in_the_rows_its_rays_read():
+    renderer = make_renderer("hashgrid", samples=24)
+    rep = renderer.representation
+    rays = camera_rays([[3.0, 0.2, 0.1]], size=9, rays=torch.tensor([[[40, 41, 30]]]))
+    encoding = goembed(renderer, rays, torch.ones(1, 3, dtype=torch.float64), normalisation="sum")[0]
+    out = renderer.render_rays(rep.origin(1, dtype=torch.float64), rays.origins, rays.directions,
+                               torch.ones(1, 3, dtype=torch.float64), keep_samples=True)
+    rows, _ = rep.corners(out.points.reshape(1, -1, 3))
+    read = torch.zeros(rep.levels * rep.table_size, dtype=torch.bool)
+    read[rows.reshape(-1)] = True
+    written = encoding.abs().amax(dim=-1).reshape(-1) > 0  # (L*T,)
+    assert written.any() and not (written & ~read).any(), "GOEmbed wrote into hash rows no sample reads"
+    assert written.sum() < 0.5 * written.numel()
