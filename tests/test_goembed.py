@@ -204,6 +204,12 @@ def test_closed_form_is_dtype_robust_under_bf16_autocast():
     assert low.dtype == torch.float32 and torch.isfinite(low).all()
     # Only ψ(0) and J are computed in bf16 (3 significant digits); the splat and normalisation are fp32.
     assert (low - reference).abs().max() < 0.05 * reference.abs().max()
+    # A model cast to bf16 (as DeepSpeed does) with fp32 rays: fp32 encoding, bf16 gradients into ψ.
+    renderer.to(torch.bfloat16)
+    cast = goembed(renderer, rays, torch.ones(1, 3), create_graph=True)
+    assert cast.dtype == torch.float32 and (cast - reference).abs().max() < 0.05 * reference.abs().max()
+    cast.sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in renderer.decoder.parameters())
 
 
 # -- scale-free coverage normalisation -----------------------------------------------------------
