@@ -40,7 +40,10 @@ README and model_zoo/plenoptic_encoding.py):
   times the object's mean coverage over the cells any ray reached. The floor is relative to the
   coverage's own scale, so the encoding does not change when the rays per view, the samples per
   ray or the views are multiplied (tests/test_goembed.py); cells no ray reached stay zero.
-  Falls back to ``"views"`` for non-grid states.
+  A non-grid state (the MLP) has no cells: the whole encoding is divided by the object's total
+  coverage, Σ over its rays of the origin's opacity per view-pixel (views × mean origin opacity),
+  which is scale-free in the same way. (Dividing by the views alone, as before, left the MLP
+  encoding proportional to σ₀: ~2e-5 with the blank origin, too small for the denoiser to use.)
 """
 
 from __future__ import annotations
@@ -115,7 +118,7 @@ def goembed(renderer: VolumeRenderer, rays: RayBatch, background: torch.Tensor, 
         return (encoding, stats) if return_stats else encoding
     run = _closed_form if method == "closed_form" else _autograd
     encoding, coverage_per_view, opacity = run(renderer, rays, background, create_graph, normalisation)
-    encoding = _normalise(encoding, coverage_per_view, rays, representation, normalisation, coverage_eps)
+    encoding = _normalise(encoding, coverage_per_view, opacity, rays, representation, normalisation, coverage_eps)
     if not return_stats:
         return encoding
     hit = intersect_box(rays.origins, rays.directions, renderer.box_half_size)[2].to(opacity.dtype)
@@ -217,14 +220,20 @@ def _closed_form(renderer, rays, background, create_graph, normalisation):
     return -gradient.to(rays.origins.dtype), coverage_per_view, (1.0 - remaining)
 
 
-def _normalise(encoding, cover, rays, representation, normalisation, coverage_eps):
+def _normalise(encoding, cover, opacity, rays, representation, normalisation, coverage_eps):
     if normalisation == "sum":
         return encoding
-    if normalisation == "views" or not representation.is_grid:
+    if normalisation == "views":
         per_object = rays.views_per_object().clamp_min(1.0).to(encoding.dtype)
         return encoding / per_object.view(-1, *([1] * (encoding.dim() - 1)))
-    # Coverage per view-pixel (Σ of rendering weights / rays per view), in fp32 at least.
     work = torch.promote_types(encoding.dtype, torch.float32)
+    if not representation.is_grid:  # one "cell": the object's total coverage per view-pixel
+        counted = opacity.detach().to(work)
+        if rays.ray_weights is not None:
+            counted = counted * rays.ray_weights.to(work)
+        total = (counted.sum(1) / rays.rays_per_view).view(-1, *([1] * (encoding.dim() - 1)))
+        return torch.where(total > 0, encoding.to(work) / total.clamp_min(torch.finfo(work).tiny), 0.0).to(encoding.dtype)
+    # Coverage per view-pixel (Σ of rendering weights / rays per view), in fp32 at least.
     cover = cover.to(work) / rays.rays_per_view
     flat = cover.flatten(1)
     reached = flat > 0

@@ -229,7 +229,7 @@ def repeat_views(rays: RayBatch, times: int) -> RayBatch:
                     None if rays.ray_weights is None else cat(rays.ray_weights))
 
 
-@pytest.mark.parametrize("kind", GRIDS)
+@pytest.mark.parametrize("kind", [*GRIDS, "mlp"])
 def test_coverage_normalisation_is_unchanged_when_rays_views_or_samples_are_scaled(kind):
     renderer = make_renderer(kind, samples=24)
     rays = three_views(torch.float64, size=6)
@@ -244,6 +244,10 @@ def test_coverage_normalisation_is_unchanged_when_rays_views_or_samples_are_scal
     coarse, fine = (goembed(r, rays, background, normalisation="coverage") for r in (make_renderer(kind, samples=48), finer))
     relative = (coarse - fine).norm() / fine.norm()
     assert relative < 0.05, relative
+    # Nor with the origin's density (σ₀ = 0.01 vs 0.001): the raw gradient is proportional to it.
+    thinner = make_renderer(kind, samples=24, origin_density=0.001)
+    ratio = goembed(thinner, rays, background, normalisation="coverage").norm() / base.norm()
+    assert 0.8 < ratio < 1.25, ratio
     # The raw gradient is not scale-free (it doubles with the views); that is what normalisation is for.
     raw = goembed(renderer, rays, background, normalisation="sum")
     torch.testing.assert_close(goembed(renderer, repeat_views(rays, 2), background, normalisation="sum"), 2 * raw)
