@@ -18,14 +18,15 @@ Three measurements, all of the real code:
   (warm-up: process start, loader workers, lazy allocations) are left out. ``step_seconds`` is the
   median of the remaining steps; objects/s = objects per step (batch x N) / that median. The data
   wait fraction is rank 0's time in ``next(batch)`` over its step time, for the same steps.
-  Every stage runs with ``model.train_decoder_through_encoder=false``: ZeRO-3 forces that off
-  (trainer/engine.py), so leaving it on for stages 0-2 would give them a costlier step.
+  Every stage runs with ``model.train_decoder_through_encoder=false``, so all stages train the
+  same computation and compare with the earlier table (ZeRO-3 could not keep it on before
+  GOEmbed's closed form); the ``zero3_joint`` variant measures ZeRO-3 with it on.
   With the same seed every stage draws the same context-view counts, timesteps and batches, so
   per-step times compare across stages step by step (``step_seconds_per_step``).
 * **memory (in process)**: per (preset, N) the benchmark starts N processes of itself in a real
-  gloo group (the launcher's variables); for each stage each rank builds the engine with
-  ``trainer.engine.build_engine`` and the trainer's EMA, takes one real optimizer step on a real
-  batch (``trainer.train.step_gradients``), and sums the bytes of the tensors it holds, by
+  gloo group (the launcher's variables); for each stage each rank builds the trainer's own
+  ``trainer.trainer.Trainer`` (engine, EMA, reader), takes one real optimizer step
+  (``Trainer.train_step``, hooked at the accumulation boundary), and sums the bytes it holds, by
   category, every storage counted once (views into a flat buffer count that buffer once):
   - ``params``: the module's materialised parameter storages (under ZeRO 1-2 the flat buffer
     the parameters are views of; under ZeRO-3 the parameters that are gathered at that moment,
@@ -47,6 +48,11 @@ Three measurements, all of the real code:
   objects beside the tensors, which the weights-only unpickler refuses; these are files this
   benchmark's own runs just wrote into its temporary directory, so unpickling them is safe), tensor
   bytes summed per rank: the optimizer file (fp32 partition + Adam moments) and module weights.
+
+* **variants** (``--variants``): for tiny at N = 2, the same timing and memory for ZeRO-2 with
+  gradient accumulation 1 and 2 (``g1``, ``g2``; same micro-batch, so a g=2 step reads twice the
+  objects) and ZeRO-3 with ``model.train_decoder_through_encoder=true`` (``zero3_joint``;
+  ``train_decoder_through_encoder_effective`` says whether the engine kept it on).
 
 Formulas (Ψ parameters, N ranks), per rank: the ZeRO paper's mixed-precision Adam (2Ψ fp16
 params, 2Ψ fp16 grads, 12Ψ fp32 master + moments): stage 0 16Ψ, 1 4Ψ+12Ψ/N, 2 2Ψ+14Ψ/N, 3 16Ψ/N;
@@ -249,56 +255,52 @@ def account(engine, ema, stage: int) -> dict:
 
 
 def memory_worker(args) -> int:
-    """One rank of the in-process memory measurement (started by :func:`measure_memory`)."""
+    """One rank of the in-process memory measurement (started by :func:`measure_memory`).
+
+    The trainer's own :class:`trainer.trainer.Trainer` (set-up, one ``train_step``), with the
+    accounting hooked in at the accumulation boundary: after the last backward, before the step.
+    """
     import torch
 
-    from data_pipeline.reader import StreamingReader
     from trainer.config import load_config
-    from trainer.distributed import barrier, init_distributed
-    from trainer.ema import EMA
-    from trainer.engine import build_engine
-    from trainer.train import step_gradients
+    from trainer.distributed import barrier
+    from trainer.trainer import Trainer
+
+    class Measured(Trainer):
+        def _boundary_step(self, losses_finite):
+            self.after_backward = account(self.engine, self.ema, self.config.distributed.zero_stage)
+            return super()._boundary_step(losses_finite)
 
     overrides = json.loads(args.worker_overrides)
-    env = None
     results = {}
     for stage in [int(s) for s in args.worker_stages.split(",")]:
-        config = load_config(None, overrides + [f"distributed.zero_stage={stage}"])
-        if env is None:
-            env = init_distributed(config.train.device, config.distributed.backend)
-        torch.manual_seed(config.train.seed + env.rank)
-        engine, model = build_engine(config, env.device)
-        ema = EMA(model, config.optim.ema_decay) if config.optim.ema_decay > 0 else None
-        reader = StreamingReader(config.data.reader_config(config.train.seed), env.rank, env.world_size)
-        batch = next(iter(reader)).to(env.device)
-        generator = torch.Generator(device=env.device).manual_seed(config.train.seed * 1000 + env.rank)
-        loss, _ = engine(batch, generator=generator)
-        engine.backward(loss)
-        after_backward = account(engine, ema, stage)
-        stepped = step_gradients(engine, stage)
-        if ema is not None:
-            ema.update()
-        after_step = account(engine, ema, stage)
-        results[stage] = {"after_backward": after_backward, "after_step": after_step, "step_taken": stepped,
-                          "loss": float(loss)}
+        trainer = Measured(load_config(None, overrides + [f"distributed.zero_stage={stage}"]))
+        batches, _ = trainer.next_micro_batches()
+        result = trainer.train_step(batches)
+        after_step = account(trainer.engine, trainer.ema, stage)
+        results[stage] = {"after_backward": trainer.after_backward, "after_step": after_step, "step_taken": result.taken,
+                          "loss": float(result.metrics["loss"]),
+                          "train_decoder_through_encoder": trainer.model.config.train_decoder_through_encoder,
+                          "optimizer_steps": int(trainer.engine.global_steps)}
         barrier()
-        if hasattr(engine, "destroy"):
-            engine.destroy()
-        del engine, model, ema, reader, batch, loss
+        rank = trainer.env.rank
+        trainer.engine.destroy()
+        del trainer, batches, result
         gc.collect()
-    with open(os.path.join(args.worker_out, f"rank{env.rank}.json"), "w") as f:
+        torch.manual_seed(0)
+    with open(os.path.join(args.worker_out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
     return 0
 
 
 def measure_memory(preset: str, nproc: int, stages: list[int], common: list[str], workdir: str,
-                   timeout: float, omp_threads: int) -> dict:
+                   timeout: float, omp_threads: int, extra: tuple[str, ...] = ()) -> dict:
     """Start ``nproc`` ranks of :func:`memory_worker` (the launcher's environment) and collect them."""
     from trainer.distributed import free_port
 
     out = tempfile.mkdtemp(prefix=f"mem_{preset}_n{nproc}_", dir=workdir)
     overrides = common + [f"model.preset={preset}", f"run_dir={out}/run", "data.batch_size=1", "data.num_workers=0",
-                          "model.rays_per_view=64", "model.samples_per_ray=8"]
+                          "model.rays_per_view=64", "model.samples_per_ray=8", *extra]
     port = free_port()
     base_env = rank_environment(omp_threads)
     threads = str(max(1, (os.cpu_count() or 1) // nproc))
@@ -428,14 +430,15 @@ def rank_environment(omp_threads: int) -> dict:
 
 
 def timing_run(preset: str, stage: int, nproc: int, steps: int, warmup: int, common: list[str],
-               workdir: str, timeout: float, omp_threads: int) -> dict:
+               workdir: str, timeout: float, omp_threads: int, extra: tuple[str, ...] = (), name: str = "",
+               accumulation: int = 1) -> dict:
     from trainer.logging_utils import read_metrics
 
-    run_dir = os.path.join(workdir, f"run_{preset}_zero{stage}_n{nproc}")
+    run_dir = os.path.join(workdir, f"run_{preset}_zero{stage}_n{nproc}{name}")
     overrides = common + [f"run_dir={run_dir}", f"distributed.zero_stage={stage}", f"model.preset={preset}",
                           f"train.max_steps={steps}", "log.every_steps=1", "log.preview_every_steps=0",
                           "log.tensorboard=false", "checkpoint.every_steps=100000", "checkpoint.resume=false",
-                          f"data.batch_size={BATCH_SIZE}"]
+                          f"data.batch_size={BATCH_SIZE}", f"distributed.gradient_accumulation_steps={accumulation}", *extra]
     command = [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--nproc", str(nproc), *overrides]
     log_path = run_dir + ".log"
     load_before = os.getloadavg()
@@ -453,11 +456,12 @@ def timing_run(preset: str, stage: int, nproc: int, steps: int, warmup: int, com
     timed = [r for r in records if r["step"] > warmup]
     seconds = [r["step_seconds"] for r in timed]
     median = statistics.median(seconds)
-    objects_per_step = BATCH_SIZE * nproc
+    objects_per_step = BATCH_SIZE * nproc * accumulation
     wait = sum(r["data_wait_fraction"] * r["step_seconds"] for r in timed) / sum(seconds)
     peak = {key: max(r[key] for r in records if key in r) for key in sorted(records[-1]) if key.startswith("peak_memory_mb_rank")}
     return {
-        "stage": stage, "nproc": nproc, "steps": steps, "warmup_steps_excluded": warmup, "timed_steps": len(timed),
+        "stage": stage, "nproc": nproc, "gradient_accumulation_steps": accumulation,
+        "optimizer_steps_logged": records[-1].get("optimizer_steps"), "steps": steps, "warmup_steps_excluded": warmup, "timed_steps": len(timed),
         "step_seconds_median": round(median, 4),
         "objects_per_s": round(objects_per_step / median, 3),
         "objects_per_s_mean": round(objects_per_step * len(timed) / sum(seconds), 3),
@@ -508,6 +512,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="OMP_NUM_THREADS of every rank (default: %(default)s, one core per rank; 0: the "
                              "launcher's choice, cpu_count // N, which on a loaded 2-core machine makes the N=1 "
                              "runs' two OpenMP threads spin and ZeRO-3's many small ops up to 10x slower)")
+    parser.add_argument("--variants", default="g1,g2,zero3_joint",
+                        help="extra runs of --variants-preset at --variants-nproc ranks (default: %(default)s): g1 and "
+                             "g2 = ZeRO-2 with gradient accumulation 1 and 2 (same micro-batch), zero3_joint = ZeRO-3 "
+                             "with model.train_decoder_through_encoder=true; '' for none")
+    parser.add_argument("--variants-preset", default="tiny")
+    parser.add_argument("--variants-nproc", type=int, default=2)
     parser.add_argument("--skip-memory", action="store_true", help="leave out the in-process memory measurement")
     parser.add_argument("--skip-checkpoint", action="store_true", help="leave out the checkpoint cross-check")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds allowed per launch (default: %(default)s)")
@@ -620,9 +630,12 @@ def run_benchmark(args) -> dict:
                         f"({memory['measured_psi_multiple']} Psi) vs fp32 formula {memory['formula_fp32_total']} "
                         f"({fp32_formula(stage, psi, nproc)['psi_multiple']} Psi)")
 
+        variants = run_variants(args, common, workdir, steps, warmup, result_presets)
+
         result = {
             "bench": "trainer",
             "presets": result_presets,
+            "variants": variants,
             "representation": args.representation,
             "dataset": {"objects": args.objects, "views": args.views, "resolution": args.resolution,
                         "holdout_fraction": 0.1},
@@ -631,8 +644,8 @@ def run_benchmark(args) -> dict:
                 "overrides": [o.replace(workdir, "$WORKDIR") for o in common] + [
                     f"data.batch_size={BATCH_SIZE}", "log.every_steps=1", "log.preview_every_steps=0",
                     "log.tensorboard=false", "checkpoint.every_steps=100000"],
-                "fair_comparison": "model.train_decoder_through_encoder=false for every stage (ZeRO-3 forces it "
-                                   "off, trainer/engine.py), so every stage trains the same computation",
+                "fair_comparison": "model.train_decoder_through_encoder=false for every stage, so every stage "
+                                   "trains the same computation (variant zero3_joint turns it on)",
                 "context_views": (f"pinned to {args.context_views}" if args.context_views is not None else
                                   "config default: k drawn per batch from 0..3 (same draws for every stage at "
                                   "the same N, so steps compare one to one; N=1 and N=2 draw differently)"),
@@ -663,6 +676,44 @@ def run_benchmark(args) -> dict:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     return result
+
+
+VARIANTS = {  # name -> (ZeRO stage, gradient accumulation, extra overrides)
+    "g1": (2, 1, ()),
+    "g2": (2, 2, ()),
+    "zero3_joint": (3, 1, ("model.train_decoder_through_encoder=true",)),
+}
+
+
+def run_variants(args, common: list[str], workdir: str, steps: dict, warmup: dict, presets: dict) -> dict:
+    """Step time and per-rank bytes for gradient accumulation 1 vs 2 and ZeRO-3 with the joint option."""
+    import shutil
+
+    preset, nproc = args.variants_preset, args.variants_nproc
+    out = {}
+    for name in [v for v in args.variants.split(",") if v]:
+        if name not in VARIANTS:
+            raise SystemExit(f"--variants: unknown variant {name!r} (known: {', '.join(VARIANTS)})")
+        stage, accumulation, extra = VARIANTS[name]
+        n_steps = steps.get(preset, 4)
+        log(f"variant {name}: {preset} zero{stage} x{nproc}, accumulation {accumulation} ...")
+        run = timing_run(preset, stage, nproc, n_steps, min(warmup.get(preset, 1), n_steps - 1), common, workdir,
+                         args.timeout, args.omp_threads, extra, f"_{name}", accumulation)
+        run_dir = run.pop("_run_dir", None)
+        if run_dir and not args.keep:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        if not args.skip_memory:
+            try:
+                measured = measure_memory(preset, nproc, [stage], common + [
+                    f"distributed.gradient_accumulation_steps={accumulation}"], workdir, args.timeout, args.omp_threads,
+                    extra)[stage]
+                psi = presets.get(preset, {}).get("parameters")
+                run["memory"] = summarise_memory(measured, stage, psi, nproc) if psi else {"per_rank": measured}
+                run["train_decoder_through_encoder_effective"] = measured[0]["train_decoder_through_encoder"]
+            except (OSError, RuntimeError, ValueError, KeyError) as error:
+                run["memory"] = {"error": str(error)[-1500:]}
+        out[name] = run
+    return out
 
 
 def summarise_memory(ranks: list[dict], stage: int, psi: int, nproc: int) -> dict:

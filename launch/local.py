@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from data_pipeline import storage  # noqa: E402
-from trainer.config import load_config  # noqa: E402
+from trainer.config import check_runnable, load_config  # noqa: E402
 from trainer.distributed import free_port  # noqa: E402
 
 EMBEDDED_DATA = "data/synthetic"
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error("--nproc must be >= 1")
     overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
     config = load_config(args.config, overrides)  # fails here, once, on a bad config
+    check_runnable(config)  # and on what this machine cannot run (train.device=cuda without CUDA, fp16 on CPU)
     ensure_embedded_data(config.data.train_urls)
     trainer_args = (["--config", args.config] if args.config else []) + overrides
     code = launch(args.nproc, trainer_args)

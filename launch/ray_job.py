@@ -4,7 +4,7 @@
         python launch/ray_job.py --num-workers 2 --config run.yaml --storage /shared/ray --name exp1 \\
         --max-failures 2 train.max_steps=1000
 
-Each Ray worker runs ``trainer.train.train(config)`` unchanged: Ray's TorchTrainer sets up the
+Each Ray worker runs ``trainer.trainer.Trainer(config, RayHooks(...)).fit()``: Ray's TorchTrainer sets up the
 process group (gloo on CPU, NCCL with ``--use-gpu``) and RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR, MASTER_PORT, which the trainer reads (it skips its own init when Ray already
 initialised the group).
@@ -28,7 +28,7 @@ Explicit ``checkpoint.dir=`` / ``run_dir=`` overrides win over these defaults.
 ``--fail-once-at-step K`` (fault injection for tests): rank 0 raises at step K, once per run
 name (a marker file in ``<storage>/<name>/`` remembers that it happened).
 
-The worker runs ``trainer.train.train`` with :class:`RayHooks` (``trainer.train.TrainHooks``):
+The worker runs the Trainer with :class:`RayHooks` (``trainer.trainer.TrainHooks``):
 after each checkpoint every rank reports it to Ray Train, and ``--fail-once-at-step`` raises once
 on rank 0 for recovery tests. The last line printed is ``run_dir: PATH``.
 """
@@ -44,7 +44,7 @@ sys.path.insert(0, ROOT)
 
 from data_pipeline import storage  # noqa: E402
 from trainer.config import RunConfig, load_config, to_dict  # noqa: E402
-from trainer.train import TrainHooks  # noqa: E402
+from trainer.trainer import TrainHooks  # noqa: E402
 
 CHECKPOINT_SUBDIR = "goembed_checkpoints"
 RUN_SUBDIR = "run"
@@ -106,11 +106,11 @@ def _set_dist_env() -> None:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    from trainer.train import train
+    from trainer.trainer import Trainer
 
     _set_dist_env()
     config = RunConfig.from_dict(loop_config["config"])
-    train(config, RayHooks(loop_config.get("fail_once_at_step"), loop_config.get("fail_marker")))
+    Trainer(config, RayHooks(loop_config.get("fail_once_at_step"), loop_config.get("fail_marker"))).fit()
 
 
 class RayHooks(TrainHooks):

@@ -9,7 +9,7 @@
 
 Inside the job every task sets RANK (global rank), WORLD_SIZE, LOCAL_RANK, MASTER_ADDR (the first
 host of the allocation), MASTER_PORT (20000 + job id % 20000), GOEMBED_LAUNCHER=slurm and
-OMP_NUM_THREADS (= --cpus-per-task), then runs ``trainer.train.main(argv)`` in-process.
+OMP_NUM_THREADS (= --cpus-per-task), then runs ``trainer.trainer.Trainer(config).fit()`` in-process.
 
 Preemption and time limits: SLURM sends SIGUSR2 ``--signal-delay-s`` before the end (and on
 ``scancel --signal USR2``); submitit then calls :meth:`TrainJob.checkpoint`, which returns the job
@@ -51,7 +51,7 @@ def master_port(job_id: str) -> int:
 
 @dataclasses.dataclass
 class TrainJob:
-    """What submitit pickles and runs once per task: ``trainer.train.main(argv)`` with the
+    """What submitit pickles and runs once per task: the Trainer on the config of ``argv``, with the
     distributed environment of the task. Checkpointable: on preemption or time-out it requeues
     itself (the trainer resumes from ``latest``), at most ``max_requeues`` times."""
 
@@ -87,15 +87,14 @@ class TrainJob:
         if env.global_rank == 0:
             print(f"slurm: job {env.job_id}, {env.num_tasks} tasks on {hosts}, master {os.environ['MASTER_ADDR']}:"
                   f"{os.environ['MASTER_PORT']}, requeue {self.requeues}/{self.max_requeues}", file=sys.stderr, flush=True)
-        from trainer.train import main
+        import logging
 
-        code = main(list(self.argv))
-        if code:
-            raise RuntimeError(f"trainer.train.main exited with status {code}")
         from trainer.config import load_config
+        from trainer.trainer import Trainer
 
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         config_file, overrides = split_config_argv(self.argv)
-        return os.path.abspath(load_config(config_file, overrides).run_dir)
+        return os.path.abspath(Trainer(load_config(config_file, overrides)).fit())
 
     def checkpoint(self, *args, **kwargs):
         """Called by submitit (rank 0) on preemption or time-out: requeue unless the bound is reached.

@@ -4,8 +4,20 @@
 
 RUN_DIR_OR_CHECKPOINT is a run directory (its ``checkpoints/latest`` is used), a checkpoints
 directory (its ``latest``) or one checkpoint's tag directory (``.../step_00000300``), local or
-any fsspec URL (s3://...; credentials from the AWS_* environment). A remote checkpoint is
-downloaded to a temporary directory first. Every ZeRO stage (0-3) is accepted.
+any fsspec URL (s3://...; credentials from the AWS_* environment). Every ZeRO stage (0-3) and
+any number of ranks is accepted: the export reads only the checkpoint's *portable* files, which
+the trainer writes into every checkpoint (trainer/portable.py), never DeepSpeed's shards:
+
+    MANIFEST.json               which files the checkpoint has, their sizes, its step and world size
+    model.safetensors           whole fp32 weights: the EMA when the run kept one (metadata "weights")
+    model_trained.safetensors   the trained weights, beside their EMA
+    model_config.json           the ModelConfig the weights load into
+    config.yaml                 the run's config (credentials removed)
+
+So this module needs neither DeepSpeed nor anything in ``trainer/``. A checkpoint written before
+checkpoints carried portable weights is refused with the command that adds them
+(``python -m trainer.portable CHECKPOINT_DIR``). A step directory without its manifest (a save
+that never completed) is refused, never replaced by another step.
 
 OUT_DIR receives:
 
@@ -15,33 +27,22 @@ OUT_DIR receives:
     config.yaml         the training run's whole config (credentials removed)
     MODEL_CARD.md       data, steps, last metrics, and the command that made the export
 
-No pickle is written, and none is read beyond ``torch.load(..., weights_only=True)`` of the
-checkpoint's files (DeepSpeed's few plain data classes are allow-listed for that).
-
-EMA: the trainer keeps an EMA of whatever each rank holds. Under ZeRO 0-2 that is every whole
-parameter (``trainer_rank00000.pt`` has them all); under ZeRO-3 it is each rank's partition
-(``param.ds_tensor``): DeepSpeed flattens each parameter, pads it to ``world_size *
-ceil(numel / world_size)`` elements and gives rank r the r-th chunk. The export concatenates the
-ranks' chunks in rank order, drops the padding and reshapes. If the saved EMA does not have the
-shapes that layout predicts, the export falls back to the trained weights with a warning.
+No pickle is read or written.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import io
 import json
 import logging
-import math
 import os
 import shlex
 import shutil
 import sys
 import tempfile
-import threading
 import warnings
+from types import SimpleNamespace
 from datetime import datetime, timezone
 
 import torch
@@ -49,7 +50,7 @@ import yaml
 
 from data_pipeline import storage
 from model_zoo.goembedfusion import GOEmbedFusion, ModelConfig
-from model_zoo.loading import MODEL_CONFIG, WEIGHTS
+from model_zoo.loading import MODEL_CONFIG, TRAINED_WEIGHTS, WEIGHTS, model_config_from_dict
 
 log = logging.getLogger("model_zoo.export")
 
@@ -59,8 +60,8 @@ CONFIG = "config.yaml"
 MODEL_CARD = "MODEL_CARD.md"
 EXPORT_FILES = (WEIGHTS, MODEL_CONFIG, CONFIG, MODEL_CARD)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# Parts of the training model that inference does not use (the LPIPS loss network).
-TRAINING_ONLY_PREFIXES = ("lpips.",)
+# Files that only a checkpoint directory has (what tells a step directory from anything else).
+CHECKPOINT_MARKERS = ("trainer_rank00000.pt", "mp_rank_00_model_states.pt", TRAINED_WEIGHTS)
 
 
 class ExportError(RuntimeError):
@@ -100,6 +101,11 @@ def resolve_checkpoint(source: str) -> tuple[str, str]:
 
     if has(MANIFEST):  # a tag directory
         return _parent(source), storage.basename(source)
+    # A step directory whose save never completed: refuse it here, before the branches below could
+    # find some other checkpoint (its config.yaml names the run's checkpoint.dir) and export that.
+    if storage.basename(source).startswith("step_") or any(has(name) for name in CHECKPOINT_MARKERS):
+        raise ExportError(f"{source} has no {MANIFEST}: that checkpoint was never completed (a crash mid-save?); "
+                          f"refusing to export it or any other step in its place")
     if has(LATEST):  # a checkpoints directory
         return source, latest_of(source)
     checkpoints = storage.join(source, "checkpoints")
@@ -110,8 +116,6 @@ def resolve_checkpoint(source: str) -> tuple[str, str]:
             elsewhere = ((yaml.safe_load(f) or {}).get("checkpoint") or {}).get("dir")
         if elsewhere and storage.exists(storage.join(elsewhere, LATEST)):
             return elsewhere.rstrip("/"), latest_of(elsewhere.rstrip("/"))
-    if storage.basename(source).startswith("step_"):
-        raise ExportError(f"{source} has no {MANIFEST}: that checkpoint was never completed (a crash mid-save?)")
     raise ExportError(f"{source} is not a run directory, a checkpoints directory (with '{LATEST}') "
                       f"or a checkpoint (with {MANIFEST})")
 
@@ -122,143 +126,35 @@ def _parent(url: str) -> str:
     return url.rstrip("/").rsplit("/", 1)[0]
 
 
-def _verify(checkpoints_url: str, tag: str) -> dict:
-    from trainer.checkpoint import CheckpointError, Checkpointer
-    from trainer.distributed import DistEnv
-
-    try:
-        return Checkpointer(checkpoints_url, DistEnv(0, 1, 0, torch.device("cpu"))).verify(tag)
-    except CheckpointError as error:
-        raise ExportError(str(error)) from None
-
-
-@contextlib.contextmanager
-def local_checkpoint(checkpoints_url: str, tag: str, manifest: dict):
-    """A local directory holding ``tag``/ (the checkpoint itself, or a downloaded copy)."""
-    if storage.is_local(checkpoints_url):
-        yield os.path.abspath(storage.local_path(checkpoints_url))
-        return
+def read_manifest(checkpoints_url: str, tag: str) -> dict:
+    """The manifest of ``tag`` after checking the files the export reads exist with their sizes."""
     fs, base = storage.filesystem(checkpoints_url)
-    with tempfile.TemporaryDirectory(prefix="goembed-export-") as tmp:
-        for name in manifest["files"]:
-            target = os.path.join(tmp, tag, name)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            fs.get(f"{base.rstrip('/')}/{tag}/{name}", target)
-        yield tmp
-
-
-# -- reading the checkpoint safely ------------------------------------------------------------------
-
-
-def _deepspeed_safe_globals() -> list:
-    """DeepSpeed's plain data classes that its checkpoint files contain (allow-listed for weights_only)."""
-    allowed = []
-    for module_name, names in (("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler")),
-                               ("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
-                               ("deepspeed.utils.tensor_fragment", ("fragment_address",))):
-        try:
-            module = __import__(module_name, fromlist=list(names))
-        except ImportError:
+    base = f"{base.rstrip('/')}/{tag}"
+    if not fs.exists(f"{base}/{MANIFEST}"):
+        raise ExportError(f"checkpoint {checkpoints_url}/{tag} has no {MANIFEST}: it was never completed")
+    with fs.open(f"{base}/{MANIFEST}", "rb") as f:
+        manifest = json.loads(f.read().decode())
+    if WEIGHTS not in manifest["files"] or MODEL_CONFIG not in manifest["files"]:
+        location = f"{checkpoints_url}/{tag}"
+        raise ExportError(f"checkpoint {location} has no portable weights ({WEIGHTS}, {MODEL_CONFIG}): it was "
+                          f"written before checkpoints carried them. Add them with `python -m trainer.portable "
+                          f"{location}` (local checkpoints; copy a remote one first), then export again")
+    for name in (WEIGHTS, TRAINED_WEIGHTS, MODEL_CONFIG, CONFIG):
+        if name not in manifest["files"]:
             continue
-        allowed.extend(getattr(module, name) for name in names if hasattr(module, name))
-    return allowed
+        path = f"{base}/{name}"
+        if not fs.exists(path):
+            raise ExportError(f"checkpoint {checkpoints_url}/{tag} is missing {name} (listed in its manifest)")
+        if fs.size(path) != manifest["files"][name]:
+            raise ExportError(f"checkpoint {checkpoints_url}/{tag}: {name} has {fs.size(path)} bytes, "
+                              f"the manifest says {manifest['files'][name]}")
+    return manifest
 
 
-def safe_torch_load(path: str, **kwargs):
-    """``torch.load`` with ``weights_only=True`` (DeepSpeed's data classes allowed; nothing else)."""
-    kwargs.pop("weights_only", None)
-    kwargs.setdefault("map_location", "cpu")
-    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-        return torch.load(path, weights_only=True, **kwargs)
-
-
-class _SafeTorch:
-    """``torch`` as DeepSpeed's zero_to_fp32 sees it while we consolidate: its ``load`` is safe."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def load(f, map_location=None, **kwargs):
-        return safe_torch_load(f, map_location=map_location or "cpu",
-                               **{k: v for k, v in kwargs.items() if k in ("mmap",)})
-
-
-_PATCH_LOCK = threading.Lock()
-
-
-def consolidated_state_dict(checkpoints_dir: str, tag: str) -> dict[str, torch.Tensor]:
-    """The full fp32 weights (and buffers) of a local DeepSpeed checkpoint, any ZeRO stage."""
-    tag_dir = os.path.join(checkpoints_dir, tag)
-    names = os.listdir(tag_dir)
-    model_states = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
-    if any(name.endswith("optim_states.pt") and "zero_pp_rank_" in name for name in names):
-        from deepspeed.utils import zero_to_fp32
-
-        with _PATCH_LOCK:  # zero_to_fp32 reads the files with torch.load(weights_only=False): make it safe
-            original = zero_to_fp32.torch
-            zero_to_fp32.torch = _SafeTorch()
-            try:
-                # its progress prints and bars (stdout, stderr) would mix with ours
-                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                    state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(checkpoints_dir, tag)
-            except ValueError as error:  # e.g. a bf16 ZeRO-0 run's optimizer files, not ZeRO's layout
-                if not os.path.exists(model_states):
-                    raise ExportError(f"DeepSpeed cannot consolidate {tag_dir}: {error}") from None
-                state = None
-            finally:
-                zero_to_fp32.torch = original
-        if state is not None:
-            return {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in state.items()}
-    if os.path.exists(model_states):  # ZeRO-0: the module's own state dict, whole
-        module = safe_torch_load(model_states)["module"]
-        if any(t.is_floating_point() and t.dtype != torch.float32 for t in module.values()):
-            warnings.warn(f"{tag_dir}: no fp32 master weights found; exporting the module's "
-                          f"{next(t.dtype for t in module.values() if t.is_floating_point())} weights", stacklevel=2)
-        return {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in module.items()}
-    raise ExportError(f"{tag_dir} holds no DeepSpeed model or optimizer states")
-
-
-def rank_file(rank: int) -> str:
-    return f"trainer_rank{rank:05d}.pt"
-
-
-def reassemble_zero3(name: str, partitions: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
-    """One parameter from its ZeRO-3 partitions (rank order): concatenate, drop the padding, reshape."""
-    numel = math.prod(shape)
-    chunk = math.ceil(numel / len(partitions))
-    for rank, part in enumerate(partitions):
-        if part.dim() != 1 or part.numel() != chunk:
-            raise ValueError(f"{name}: rank {rank}'s EMA partition has shape {tuple(part.shape)}, "
-                             f"expected ({chunk},) for a parameter of shape {tuple(shape)} over {len(partitions)} ranks")
-    return torch.cat(partitions)[:numel].reshape(shape)
-
-
-def ema_state_dict(tag_dir: str, world_size: int, zero_stage: int,
-                   shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """The EMA of every parameter in ``shapes``, whole. Raises ValueError when it cannot be trusted."""
-    if zero_stage < 3:
-        ema = safe_torch_load(os.path.join(tag_dir, rank_file(0)))["ema"]
-        if ema is None:
-            raise ValueError("the run kept no EMA (optim.ema_decay=0)")
-        out = {}
-        for name, shape in shapes.items():
-            if name not in ema:
-                raise ValueError(f"the EMA has no {name}")
-            if ema[name].shape != shape:
-                raise ValueError(f"EMA {name} has shape {tuple(ema[name].shape)}, the weights {tuple(shape)}")
-            out[name] = ema[name].float()
-        return out
-    emas = [safe_torch_load(os.path.join(tag_dir, rank_file(rank)))["ema"] for rank in range(world_size)]
-    if any(ema is None for ema in emas):
-        raise ValueError("the run kept no EMA (optim.ema_decay=0)")
-    out = {}
-    for name, shape in shapes.items():
-        missing = [rank for rank, ema in enumerate(emas) if name not in ema]
-        if missing:
-            raise ValueError(f"the EMA of rank {missing[0]} has no {name}")
-        out[name] = reassemble_zero3(name, [ema[name].float() for ema in emas], shape)
-    return out
+def _fetch(checkpoints_url: str, tag: str, names: list[str], into: str) -> None:
+    fs, base = storage.filesystem(checkpoints_url)
+    for name in names:
+        fs.get(f"{base.rstrip('/')}/{tag}/{name}", os.path.join(into, name))
 
 
 # -- the export -----------------------------------------------------------------------------------
@@ -267,49 +163,38 @@ def ema_state_dict(tag_dir: str, world_size: int, zero_stage: int,
 def export(source: str, out_dir: str, dtype: str = "fp32", ema: bool = True, force: bool = False,
            command: str | None = None) -> ExportResult:
     """Export the checkpoint ``source`` (see the module docstring) to ``out_dir`` (local or any URL)."""
-    from safetensors.torch import save_file
-
-    from trainer.config import load_config
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     if dtype not in DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     command = command or _command(source, out_dir, dtype, ema)
     checkpoints_url, tag = resolve_checkpoint(source)
-    manifest = _verify(checkpoints_url, tag)
-    world_size = manifest["world_size"]
+    manifest = read_manifest(checkpoints_url, tag)
+    step, world_size = int(manifest["step"]), int(manifest["world_size"])
     notes: list[str] = []
 
-    with local_checkpoint(checkpoints_url, tag, manifest) as local_dir:
-        tag_dir = os.path.join(local_dir, tag)
-        config_path = os.path.join(tag_dir, CONFIG)
-        config_log = logging.getLogger("trainer.config")
-        level = config_log.level  # its "field was redacted" warnings are about resuming, not exporting
-        config_log.setLevel(logging.ERROR)
-        try:
-            run_config = load_config(config_path)
-        finally:
-            config_log.setLevel(level)
-        with open(config_path) as f:
+    with tempfile.TemporaryDirectory(prefix="goembed-export-") as tmp:
+        names = [name for name in (WEIGHTS, TRAINED_WEIGHTS, MODEL_CONFIG, CONFIG) if name in manifest["files"]]
+        _fetch(checkpoints_url, tag, names, tmp)
+        with safe_open(os.path.join(tmp, WEIGHTS), framework="pt") as f:
+            stored_kind = (f.metadata() or {}).get("weights", "trained")
+        if ema and stored_kind != "ema":
+            message = "the run kept no EMA of the weights (optim.ema_decay=0); exporting the trained weights"
+            warnings.warn(message, stacklevel=2)
+            notes.append(message)
+        use_trained = not ema and stored_kind == "ema"
+        if use_trained and TRAINED_WEIGHTS not in names:
+            raise ExportError(f"checkpoint {checkpoints_url}/{tag} has no {TRAINED_WEIGHTS}: --no-ema cannot be served")
+        weights = load_file(os.path.join(tmp, TRAINED_WEIGHTS if use_trained else WEIGHTS), device="cpu")
+        kind = "trained" if use_trained else stored_kind
+        with open(os.path.join(tmp, MODEL_CONFIG)) as f:
+            model_config = model_config_from_dict(json.load(f))
+        with open(os.path.join(tmp, CONFIG)) as f:
             config_text = f.read()
-        zero_stage = run_config.distributed.zero_stage
-        trainer_state = safe_torch_load(os.path.join(tag_dir, rank_file(0)))
-        step = int(trainer_state["step"])
+    run_config = _namespace(yaml.safe_load(config_text) or {})
+    zero_stage = int(run_config.distributed.zero_stage)
 
-        weights = consolidated_state_dict(local_dir, tag)
-        weights = {k: v for k, v in weights.items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
-        kind = "trained"
-        if ema:
-            try:
-                averaged = ema_state_dict(tag_dir, world_size, zero_stage, {k: v.shape for k, v in weights.items()})
-                weights = {**weights, **averaged}  # buffers (if any) come from the consolidated weights
-                kind = "ema"
-            except ValueError as error:
-                message = (f"the EMA weights could not be used ({error}); exporting the trained weights "
-                           f"instead (as with --no-ema)")
-                warnings.warn(message, stacklevel=2)
-                notes.append(message)
-
-    model_config = dataclasses.replace(run_config.model, lpips_weight=0.0, lpips_weights_path=None)
     model = GOEmbedFusion(model_config)  # the export must load into exactly this model
     expected = model.state_dict()
     if set(expected) != set(weights) or any(expected[k].shape != weights[k].shape for k in expected):
@@ -340,6 +225,13 @@ def export(source: str, out_dir: str, dtype: str = "fp32", ema: bool = True, for
             fs.put(os.path.join(local_out, name), f"{base.rstrip('/')}/{name}")
         shutil.rmtree(local_out, ignore_errors=True)
     return ExportResult(out_dir, step, kind, dtype, zero_stage, world_size, notes, command)
+
+
+def _namespace(value):
+    """The saved run config (plain YAML) with attribute access, for the model card."""
+    if isinstance(value, dict):
+        return SimpleNamespace(**{str(k): _namespace(v) for k, v in value.items()})
+    return value
 
 
 def _command(source: str, out_dir: str, dtype: str, ema: bool) -> str:
@@ -397,6 +289,8 @@ def _last_metrics(checkpoints_url: str, source: str, run_dir: str, step: int) ->
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
     return str(value)
 
 

@@ -28,12 +28,12 @@ from torch import nn
 
 from model_zoo.diffusion import CosineSchedule, classifier_free_guidance
 from model_zoo.encodings import unprojection
-from model_zoo.goembed import NORMALISATIONS, RayBatch, goembed
+from model_zoo.goembed import METHODS, NORMALISATIONS, RayBatch, goembed
 from model_zoo.presets import get_preset
 from model_zoo.lpips import LPIPS
 from model_zoo.rays import gather_pixels, patch_pixel_indices, random_pixel_indices, view_rays
 from model_zoo.renderer import FieldDecoder, VolumeRenderer
-from model_zoo.representations import build_representation
+from model_zoo.representations import ORIGINS, build_representation
 from model_zoo.unet import build_denoiser
 
 Encoder = Literal["goembed", "unprojection", "zeros"]
@@ -45,6 +45,11 @@ class ModelConfig:
     representation: str = "triplane"  # triplane | voxel | mlp
     encoder: Encoder = "goembed"  # goembed; unprojection and zeros are baselines
     goembed_normalisation: str = "coverage"  # see goembed.py and the README for the measurement
+    goembed_method: str = "auto"  # auto (closed form where exact: grids, zero origin) | closed_form | autograd
+    goembed_origin: str = "zeros"  # grids: zeros | random (fixed, seeded) | learned; GOEmbed variants, see README
+    goembed_origin_scale: float = 0.1  # std of a random / learned grid origin
+    decoder_point_frequencies: int = 0  # > 0: ψ also reads a positional encoding of the point (a GOEmbed variant)
+    origin_density: float = 0.01  # σ(0) of ψ, fixed by construction: the GOEmbed origin renders (nearly) blank
     encode_resolution: int = 32  # views are resized to this width before encoding
     train_decoder_through_encoder: bool = True  # create_graph=True: the loss reaches ψ through GOEmbed
     context_dropout: float = 0.1
@@ -64,6 +69,12 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.encoder must be goembed, unprojection or zeros, got {self.encoder!r}")
         if self.goembed_normalisation not in NORMALISATIONS:
             raise ValueError(f"ModelConfig.goembed_normalisation must be one of {NORMALISATIONS}, got {self.goembed_normalisation!r}")
+        if self.goembed_method not in METHODS:
+            raise ValueError(f"ModelConfig.goembed_method must be one of {METHODS}, got {self.goembed_method!r}")
+        if self.goembed_origin not in ORIGINS:
+            raise ValueError(f"ModelConfig.goembed_origin must be one of {ORIGINS}, got {self.goembed_origin!r}")
+        if self.decoder_point_frequencies < 0:
+            raise ValueError(f"ModelConfig.decoder_point_frequencies must be >= 0, got {self.decoder_point_frequencies}")
         if self.lpips_weight > 0 and not self.lpips_weights_path:
             raise ValueError("ModelConfig.lpips_weights_path is required when lpips_weight > 0 (weights are never downloaded)")
         for name in ("context_dropout", "reconstruction_prob"):
@@ -106,13 +117,17 @@ class GOEmbedFusion(nn.Module):
         self.config = config = config or ModelConfig()
         preset = get_preset(config.preset)
         kind = config.representation
+        origin = {"origin": config.goembed_origin, "origin_scale": config.goembed_origin_scale}
         if kind == "triplane":
-            representation = build_representation(kind, channels=preset.triplane_channels, resolution=preset.triplane_resolution)
+            representation = build_representation(kind, channels=preset.triplane_channels, resolution=preset.triplane_resolution, **origin)
         elif kind == "voxel":
-            representation = build_representation(kind, channels=preset.voxel_channels, resolution=preset.voxel_resolution)
+            representation = build_representation(kind, channels=preset.voxel_channels, resolution=preset.voxel_resolution, **origin)
         else:
+            if config.goembed_origin != "zeros":
+                raise ValueError(f"ModelConfig.goembed_origin applies to grids; the {kind!r} origin is fixed")
             representation = build_representation(kind, channels=preset.triplane_channels, hidden=config.mlp_hidden)
-        decoder = FieldDecoder(representation.feature_dim, preset.decoder_hidden, preset.decoder_layers)
+        decoder = FieldDecoder(representation.feature_dim, preset.decoder_hidden, preset.decoder_layers,
+                               origin_density=config.origin_density, point_frequencies=config.decoder_point_frequencies)
         self.renderer = VolumeRenderer(representation, decoder, config.samples_per_ray or preset.samples_per_ray,
                                        config.box_half_size)
         denoiser_config = preset.denoiser_config(kind)
@@ -129,8 +144,10 @@ class GOEmbedFusion(nn.Module):
 
     # -- the three parts -----------------------------------------------------------------------
     def encode(self, views: Views, background: torch.Tensor, view_weights: torch.Tensor | None = None,
-               create_graph: bool = False) -> torch.Tensor:
-        """ζ_enc (B, *state_shape) from posed views (zero views: zeros). ``view_weights`` (B, V) drops views."""
+               create_graph: bool = False, return_stats: bool = False):
+        """ζ_enc (B, *state_shape) from posed views (zero views: zeros). ``view_weights`` (B, V) drops views.
+
+        ``return_stats``: also a dict of detached scalars for the metrics (GOEmbed: ``origin_opacity``)."""
         views = views.resized(self.config.encode_resolution)
         batch, count = views.images.shape[:2]
         height, width = views.images.shape[-2:]
@@ -142,11 +159,14 @@ class GOEmbedFusion(nn.Module):
         rays = RayBatch(origins.reshape(batch, -1, 3), directions.reshape(batch, -1, 3), colours.reshape(batch, -1, 3),
                         count, weights)
         if self.config.encoder == "zeros" or count == 0:
-            return self.representation.origin(batch, device=background.device, dtype=colours.dtype) * 0
+            encoding = torch.zeros(batch, *self.representation.state_shape, device=background.device, dtype=colours.dtype)
+            return (encoding, {}) if return_stats else encoding
         if self.config.encoder == "unprojection":
-            return unprojection(self.renderer, rays)
+            encoding = unprojection(self.renderer, rays)
+            return (encoding, {}) if return_stats else encoding
         return goembed(self.renderer, rays, background, create_graph=create_graph,
-                       normalisation=self.config.goembed_normalisation)
+                       normalisation=self.config.goembed_normalisation, method=self.config.goembed_method,
+                       return_stats=return_stats)
 
     def denoise(self, encoding: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.denoiser(encoding, t)
@@ -189,15 +209,16 @@ class GOEmbedFusion(nn.Module):
         encode_views = context.join(noisy)
         view_weights = torch.cat([keep_context.unsqueeze(1).expand(-1, context.count), (~reconstruction).to(x0.dtype).unsqueeze(1)], 1)
         mark("prepare")
-        encoding = self.encode(encode_views, batch.background, view_weights,
-                               create_graph=config.train_decoder_through_encoder and self.training)
+        encoding, encode_stats = self.encode(encode_views, batch.background, view_weights,
+                                             create_graph=config.train_decoder_through_encoder and self.training,
+                                             return_stats=True)
         mark("encode")
         state = self.denoise(encoding, t)
         mark("denoise")
 
         target_mse = self._render_loss(state, Views(batch.target_images, batch.target_K, batch.target_c2w), batch.background, generator)
         metrics = {"target_mse": target_mse.detach(), "t_mean": t.float().mean(),
-                   "psnr_target": -10 * torch.log10(target_mse.detach().clamp_min(1e-10))}
+                   "psnr_target": -10 * torch.log10(target_mse.detach().clamp_min(1e-10)), **encode_stats}
         loss = target_mse
         if context.count:
             context_mse = self._render_loss(state, context, batch.background, generator)

@@ -7,6 +7,11 @@
 An export holds ``model.safetensors`` (weights), ``model_config.json`` (the ``ModelConfig``),
 ``config.yaml`` (the training run's config) and ``MODEL_CARD.md``. Loading reads only the first
 two: safetensors and JSON, never a pickle, so an export from an untrusted source cannot run code.
+
+Every training checkpoint directory (``.../checkpoints/step_00000300``) carries the same two
+files (the EMA weights in ``model.safetensors``, the trained weights in
+``model_trained.safetensors``; see trainer/portable.py), so ``load`` reads a checkpoint directly,
+without DeepSpeed: ``load(checkpoint_dir, weights="trained")`` for the trained weights.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import torch
 from data_pipeline import storage
 from model_zoo.goembedfusion import GOEmbedFusion, ModelConfig
 
-WEIGHTS = "model.safetensors"
+WEIGHTS = "model.safetensors"  # the EMA weights when the run kept an EMA, else the trained ones
+TRAINED_WEIGHTS = "model_trained.safetensors"  # checkpoints only: the trained weights beside their EMA
 MODEL_CONFIG = "model_config.json"
 
 
@@ -38,50 +44,69 @@ def model_config_from_dict(raw: dict) -> ModelConfig:
     return ModelConfig(**raw)
 
 
-def load(path_or_url: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> GOEmbedFusion:
-    """The exported model at ``path_or_url`` (local directory or any fsspec URL), in eval mode.
+def inference_config(config: ModelConfig) -> ModelConfig:
+    """The model as inference builds it: without the LPIPS loss network (a training-only part)."""
+    return dataclasses.replace(config, lpips_weight=0.0, lpips_weights_path=None)
+
+
+def weights_file(directory_listing: set[str], weights: str) -> str:
+    """Which file holds ``weights`` ("default": the EMA if there is one; "trained")."""
+    if weights not in ("default", "trained"):
+        raise ValueError(f"weights must be 'default' or 'trained', got {weights!r}")
+    return TRAINED_WEIGHTS if weights == "trained" and TRAINED_WEIGHTS in directory_listing else WEIGHTS
+
+
+def load(path_or_url: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+         weights: str = "default") -> GOEmbedFusion:
+    """The exported model (or training checkpoint) at ``path_or_url`` (local or any fsspec URL), in eval mode.
 
     ``dtype=None`` keeps the dtype the weights were exported in (fp32 or bf16); pass
     ``torch.float32`` to run a bf16 export in fp32. Storage credentials come from the
     environment (``AWS_*`` for s3://), as everywhere else in this repository.
     """
     if storage.is_local(path_or_url):
-        return _load_local(storage.local_path(path_or_url), device, dtype)
+        return _load_local(storage.local_path(path_or_url), device, dtype, weights)
     with tempfile.TemporaryDirectory(prefix="goembed-load-") as tmp:
         fs, base = storage.filesystem(path_or_url)
         base = base.rstrip("/")
-        for name in (MODEL_CONFIG, WEIGHTS):
-            if not fs.exists(f"{base}/{name}"):
+        listing = {name for name in (MODEL_CONFIG, WEIGHTS, TRAINED_WEIGHTS) if fs.exists(f"{base}/{name}")}
+        for name in (MODEL_CONFIG, weights_file(listing, weights)):
+            if name not in listing:
                 raise ExportFormatError(f"{path_or_url} has no {name}: is it a model export (python -m model_zoo.export)?")
             fs.get(f"{base}/{name}", os.path.join(tmp, name))
-        return _load_local(tmp, device, dtype, shown_as=path_or_url)
+        return _load_local(tmp, device, dtype, weights, shown_as=path_or_url)
 
 
-def _load_local(directory: str, device, dtype, shown_as: str | None = None) -> GOEmbedFusion:
+def _load_local(directory: str, device, dtype, weights: str = "default", shown_as: str | None = None) -> GOEmbedFusion:
     from safetensors.torch import load_file
 
     shown_as = shown_as or directory
-    for name in (MODEL_CONFIG, WEIGHTS):
-        if not os.path.isfile(os.path.join(directory, name)):
-            hint = (" It looks like a training checkpoint: export it first with "
-                    "`python -m model_zoo.export CHECKPOINT OUT_DIR`."
-                    if os.path.exists(os.path.join(directory, "MANIFEST.json"))
-                    or os.path.exists(os.path.join(directory, "latest"))
-                    or os.path.exists(os.path.join(directory, "checkpoints")) else "")
-            raise ExportFormatError(f"{shown_as} has no {name}: it is not a model export.{hint}")
+    listing = set(os.listdir(directory)) if os.path.isdir(directory) else set()
+    weights_name = weights_file(listing, weights)
+    for name in (MODEL_CONFIG, weights_name):
+        if name not in listing:
+            if "MANIFEST.json" in listing:
+                hint = (" It is a training checkpoint written before checkpoints carried portable weights: "
+                        "add them with `python -m trainer.portable CHECKPOINT_DIR`.")
+            elif "latest" in listing or "checkpoints" in listing:
+                hint = (" It looks like a run or checkpoints directory: pass one checkpoint's directory "
+                        "(.../checkpoints/step_00000300) or export it with `python -m model_zoo.export`.")
+            else:
+                hint = ""
+            raise ExportFormatError(f"{shown_as} has no {name}: it is not a model export or checkpoint.{hint}")
     with open(os.path.join(directory, MODEL_CONFIG)) as f:
         config = model_config_from_dict(json.load(f))
-    state = load_file(os.path.join(directory, WEIGHTS), device="cpu")
+    state = load_file(os.path.join(directory, weights_name), device="cpu")
     model = GOEmbedFusion(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ExportFormatError(f"{shown_as}/{WEIGHTS} does not match its {MODEL_CONFIG}: "
+        raise ExportFormatError(f"{shown_as}/{weights_name} does not match its {MODEL_CONFIG}: "
                                 f"missing {missing[:5]} ({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})")
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
-            raise ExportFormatError(f"{shown_as}/{WEIGHTS}: {name} has shape {tuple(tensor.shape)}, "
+            raise ExportFormatError(f"{shown_as}/{weights_name}: {name} has shape {tuple(tensor.shape)}, "
                                     f"the model expects {tuple(expected[name].shape)}")
     stored = {t.dtype for t in state.values() if t.is_floating_point()}
     target = dtype or (stored.pop() if len(stored) == 1 else torch.float32)
@@ -90,4 +115,5 @@ def _load_local(directory: str, device, dtype, shown_as: str | None = None) -> G
     return model.to(device).eval()
 
 
-__all__ = ["ExportFormatError", "MODEL_CONFIG", "WEIGHTS", "load", "model_config_from_dict"]
+__all__ = ["ExportFormatError", "MODEL_CONFIG", "TRAINED_WEIGHTS", "WEIGHTS", "inference_config", "load",
+           "model_config_from_dict"]

@@ -13,6 +13,7 @@ from data_pipeline.reader import ReaderConfig
 from trainer.config import (
     ConfigError,
     RunConfig,
+    check_runnable,
     config_hash,
     load_config,
     save_config,
@@ -187,3 +188,41 @@ def test_reader_config():
     assert RunConfig().data.reader_config(0).storage_options is None  # the environment decides
     with pytest.raises(ConfigError, match="holdout_urls"):
         dataclasses.replace(data, holdout_urls=None).reader_config(0, holdout=True)
+
+
+# -- what this machine cannot run: refused before any process group or engine exists ----------------
+
+
+@pytest.mark.parametrize("overrides, cuda, field", [
+    (["train.device=cuda"], False, "train.device=cuda"),
+    (["distributed.precision=fp16", "train.device=cpu"], True, "distributed.precision=fp16"),
+    (["distributed.precision=fp16"], False, "distributed.precision=fp16"),  # auto resolves to the CPU
+    (["distributed.backend=nccl", "train.device=cpu"], True, "distributed.backend=nccl"),
+])
+def test_check_runnable_names_the_field(overrides, cuda, field):
+    config = load_config(None, overrides)  # the config itself is valid: a GPU machine could run it
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        check_runnable(config, cuda_available=cuda)
+
+
+def test_check_runnable_accepts_what_runs():
+    check_runnable(load_config(None, ["train.device=cpu", "distributed.precision=bf16"]), cuda_available=False)
+    check_runnable(load_config(None, ["train.device=cuda", "distributed.precision=fp16"]), cuda_available=True)
+
+
+def test_launcher_refuses_cuda_without_cuda_before_starting_ranks():
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "launch/local.py", "--nproc", "2", "train.device=cuda"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "train.device=cuda but CUDA is not available" in result.stderr
+    assert "deepspeed" not in result.stderr.lower() and "rank 0" not in result.stderr  # no rank was started
+    assert time.monotonic() - started < 60

@@ -1,4 +1,9 @@
-"""Model export: real checkpoints from the real trainer (2 processes, ZeRO-2 and ZeRO-3) -> export -> load."""
+"""Model export: real checkpoints from the real trainer (2 processes, ZeRO-2 and ZeRO-3) -> export -> load.
+
+Every checkpoint carries portable weights (trainer/portable.py); the export reads only those. The
+tests compare them with what is known independently: DeepSpeed's own consolidation of its shards
+(trained weights) and the per-rank EMA partitions in the trainer's state files (the EMA).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 import model_zoo
 from data_pipeline.reader import ReaderConfig, StreamingReader
@@ -149,22 +155,48 @@ def test_zero3_ema_reassembled_from_partitions_equals_the_weights_at_decay_zero(
         torch.testing.assert_close(ema[name], base[name], rtol=0, atol=1e-6, msg=name)
 
 
-def test_unusable_ema_falls_back_to_the_trained_weights_with_a_warning(runs, plain, tmp_path):
-    copy = tmp_path / "checkpoints"
-    shutil.copytree(os.path.join(runs["3"], "checkpoints", TAG), copy / TAG)
-    path = copy / TAG / "trainer_rank00001.pt"
-    state = torch.load(path, weights_only=True)
-    state["ema"] = {name: tensor[:-1] for name, tensor in state["ema"].items()}  # partitions one element short
-    torch.save(state, path)
-    manifest = json.loads((copy / TAG / "MANIFEST.json").read_text())
-    manifest["files"]["trainer_rank00001.pt"] = path.stat().st_size
-    (copy / TAG / "MANIFEST.json").write_text(json.dumps(manifest))
-    with pytest.warns(UserWarning, match="EMA weights could not be used"):
-        result = export(str(copy / TAG), str(tmp_path / "out"))
-    assert result.weights == "trained" and result.warnings
-    fallback, trained = weights(tmp_path / "out"), weights(plain["3"])
-    assert fallback.keys() == trained.keys() and all(torch.equal(fallback[k], trained[k]) for k in trained)
-    assert "could not be used" in (tmp_path / "out" / "MODEL_CARD.md").read_text()
+def test_old_checkpoint_is_refused_then_converted_by_the_trainer_tool(runs, plain, tmp_path):
+    old = tmp_path / "checkpoints" / TAG
+    shutil.copytree(os.path.join(runs["3"], "checkpoints", TAG), old)
+    manifest = json.loads((old / "MANIFEST.json").read_text())
+    for name in ("model.safetensors", "model_trained.safetensors", "model_config.json"):  # as written before
+        os.remove(old / name)
+        del manifest["files"][name]
+    (old / "MANIFEST.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match=f"python -m trainer.portable {old}"):
+        export(str(old), str(tmp_path / "refused"))
+    with pytest.raises(ExportFormatError, match="trainer.portable"):
+        model_zoo.load(str(old))
+    result = subprocess.run([sys.executable, "-m", "trainer.portable", str(old)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    export(str(old), str(tmp_path / "converted"), ema=False)
+    export(str(old), str(tmp_path / "converted_ema"))
+    export(runs["3"], str(tmp_path / "original_ema"))
+    for converted, original in ((tmp_path / "converted", plain["3"]), (tmp_path / "converted_ema", tmp_path / "original_ema")):
+        a, b = weights(converted), weights(original)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_export_needs_neither_deepspeed_nor_the_trainer(runs, tmp_path):
+    code = ("import sys, model_zoo\n"
+            "from model_zoo.export import export\n"
+            f"export({runs['3']!r}, {str(tmp_path / 'out')!r})\n"
+            f"model_zoo.load({os.path.join(runs['3'], 'checkpoints', TAG)!r})\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('deepspeed', 'trainer'))\n"
+            "assert not bad, bad\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_checkpoint_directory_loads_directly(runs, plain, tmp_path):
+    tag_dir = os.path.join(runs["2"], "checkpoints", TAG)
+    trained = model_zoo.load(tag_dir, weights="trained")
+    assert all(torch.equal(trained.state_dict()[k], v) for k, v in weights(plain["2"]).items())
+    export(runs["2"], str(tmp_path / "ema"))
+    averaged = model_zoo.load(tag_dir)
+    assert all(torch.equal(averaged.state_dict()[k], v) for k, v in weights(tmp_path / "ema").items())
 
 
 def test_export_directory_has_no_pickle_and_a_model_card(runs, tmp_path):
@@ -218,8 +250,26 @@ def test_sources_out_dirs_and_errors(runs, tmp_path):
     (tmp_path / "busy" / "something.txt").write_text("x")
     with pytest.raises(ExportError, match="not empty"):
         export(run_dir, str(tmp_path / "busy"))
-    with pytest.raises(ExportFormatError, match="export it first"):
+    with pytest.raises(ExportFormatError, match="pass one checkpoint's directory"):
         model_zoo.load(checkpoints)
+
+
+def test_a_step_directory_without_its_manifest_is_refused_never_another_step(runs, tmp_path):
+    """A half-written save must not be exported, nor silently replaced by the run's `latest`."""
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(os.path.join(runs["2"], "checkpoints"), elsewhere)
+    half = tmp_path / "run" / "step_00000009"
+    shutil.copytree(elsewhere / TAG, half)
+    os.remove(half / "MANIFEST.json")
+    config = yaml.safe_load((half / "config.yaml").read_text())
+    config["checkpoint"]["dir"] = str(elsewhere)  # its config points at a directory with a complete `latest`
+    (half / "config.yaml").write_text(yaml.safe_dump(config))
+    for source in (half, tmp_path / "renamed"):
+        if source != half:
+            shutil.copytree(half, source)
+        with pytest.raises(ExportError, match="has no MANIFEST.json: that checkpoint was never completed"):
+            export(str(source), str(tmp_path / "out"))
+        assert not (tmp_path / "out").exists()
 
 
 def test_export_from_s3_checkpoint_with_the_command(runs, plain, tmp_path, s3_server, s3_bucket, s3_env):

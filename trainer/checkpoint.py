@@ -4,14 +4,19 @@ Layout of ``<dir>/step_00000100/``:
 
     <DeepSpeed files>              engine.save_checkpoint (model, optimizer, scheduler; sharded)
     trainer_rank00000.pt ...       per rank: step, reader state, RNG states, EMA (weights only)
+    model.safetensors              portable weights (EMA, whole, fp32) + model_trained.safetensors
+    model_config.json              and the model config: see trainer/portable.py
     config.yaml                    the run config, credentials removed
     MANIFEST.json                  every file and its size, written after every rank finished
 
 ``<dir>/latest`` names the newest complete tag and is written last, by rank 0, after a barrier
 and after the manifest: a crash at any point of a save leaves ``latest`` on the previous
-complete checkpoint. Loading checks the manifest (a missing or truncated rank shard is refused
-with a message naming it). ``dir`` may be any fsspec URL (s3://...): files are written to a
-local staging directory and uploaded by each node's local rank 0.
+complete checkpoint. Rank 0 alone reads ``latest`` and broadcasts it (on a shared filesystem
+ranks reading it themselves could disagree). Loading checks the manifest (a missing or
+truncated rank shard is refused with a message naming it); a checkpoint written by a different
+number of ranks is loaded through DeepSpeed's universal checkpoint (trainer/elastic.py).
+``dir`` may be any fsspec URL (s3://...): files are written to a local staging directory and
+uploaded by each node's local rank 0.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import numpy as np
 import torch
 
 from data_pipeline import storage
-from trainer.distributed import DistEnv, barrier
+from trainer.distributed import DistEnv, barrier, broadcast_object
 
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"
@@ -101,6 +106,11 @@ class Checkpointer:
         return os.path.join(self.staging_root, "goembed-ckpt-staging", storage.basename(self.url) or "ckpt", tag)
 
     def latest_tag(self) -> str | None:
+        """The tag ``latest`` names, as rank 0 reads it (every rank must call this: it broadcasts)."""
+        return broadcast_object(self.read_latest() if self.env.is_main else None)
+
+    def read_latest(self) -> str | None:
+        """This process's own reading of ``latest`` (no collective; tools and tests)."""
         url = storage.join(self.url, LATEST)
         if not storage.exists(url, self.storage_options):
             return None
@@ -108,7 +118,9 @@ class Checkpointer:
             return f.read().decode().strip() or None
 
     # -- save --------------------------------------------------------------------------------------
-    def save(self, engine, state: TrainerState, config_yaml: str) -> str:
+    def save(self, engine, state: TrainerState, config_yaml: str, model=None, ema=None) -> str:
+        """Every rank: DeepSpeed's shards, its own trainer state; rank 0: config, portable weights
+        (``model`` given: gathered from every rank), manifest, ``latest``."""
         tag = tag_for(state.step)
         local_dir = self.local_dir(tag)
         parent = os.path.dirname(local_dir)
@@ -118,6 +130,13 @@ class Checkpointer:
         os.makedirs(local_dir, exist_ok=True)
         engine.save_checkpoint(parent, tag=tag, save_latest=False)
         torch.save(state.__dict__, os.path.join(local_dir, rank_file(self.env.rank)))
+        if model is not None:
+            from trainer.portable import gather_weights, write_portable
+
+            # collective under ZeRO-3; only rank 0 keeps the whole copy
+            trained, averaged = gather_weights(engine, ema, self.env.device, keep=self.env.is_main)
+            if self.env.is_main:
+                write_portable(local_dir, model.config, trained, averaged, state.step)
         if self.env.is_main:
             with open(os.path.join(local_dir, "config.yaml"), "w") as f:
                 f.write(config_yaml)
@@ -196,8 +215,17 @@ class Checkpointer:
                 raise CheckpointError(f"checkpoint {self.url}/{tag} has no trainer state for rank {rank}")
         return manifest
 
+    def portable_ema(self, tag: str) -> dict[str, torch.Tensor]:
+        """The whole EMA weights of a loaded checkpoint (its portable model.safetensors)."""
+        from trainer.portable import read_weights
+
+        return read_weights(self.local_dir(tag))
+
     def load(self, engine, tag: str | None = None) -> tuple[list[TrainerState], str]:
-        """Load DeepSpeed state into ``engine``; returns (every saved rank's TrainerState, tag)."""
+        """Load DeepSpeed state into ``engine``; returns (every saved rank's TrainerState, tag).
+
+        Written by a different number of ranks: converted to DeepSpeed's universal format (once
+        per node) and loaded from there, so the optimizer state is re-partitioned."""
         tag = tag or self.latest_tag()
         if tag is None:
             raise CheckpointError(f"no checkpoint in {self.url} (no '{LATEST}' file)")
@@ -211,8 +239,14 @@ class Checkpointer:
                 os.makedirs(os.path.dirname(target), exist_ok=True)
                 fs.get(f"{base}/{tag}/{name}", target)
         barrier()
-        load_path, _ = engine.load_checkpoint(os.path.dirname(local_dir), tag=tag, load_module_strict=True,
-                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+        sharded = any(name.startswith("zero_pp_rank_") for name in manifest["files"])
+        if manifest["world_size"] == self.env.world_size or not sharded:  # ZeRO-0: whole states, any ranks
+            load_path, _ = engine.load_checkpoint(os.path.dirname(local_dir), tag=tag, load_module_strict=True,
+                                                  load_optimizer_states=True, load_lr_scheduler_states=True)
+        else:
+            from trainer.elastic import load_universal
+
+            load_path = load_universal(engine, local_dir, os.path.join(self.staging_root, "goembed-universal"), self.env)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load {self.url}/{tag}")
         states = [TrainerState(**torch.load(os.path.join(local_dir, rank_file(rank)), map_location="cpu", weights_only=True))

@@ -99,7 +99,10 @@ class OptimConfig:
 @dataclass
 class DistributedConfig:
     zero_stage: int = 2  # DeepSpeed ZeRO stage, 0..3
-    precision: Precision = "fp32"  # fp16 needs a GPU; whether one is present is checked at start-up
+    # bf16: matmuls and convolutions in bf16 under autocast, fp32 master weights in the optimizer;
+    # the renderer's compositing and GOEmbed's normalisation stay fp32 (README, "Precision").
+    # fp16 needs a GPU (refused at start-up otherwise, see check_runnable).
+    precision: Precision = "fp32"
     gradient_accumulation_steps: int = 1
     activation_checkpointing: bool = False
     backend: str | None = None  # None: nccl on CUDA, gloo otherwise
@@ -327,6 +330,31 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
 
+def check_runnable(config: RunConfig, cuda_available: bool | None = None) -> None:
+    """Refuse, naming the field, what this machine cannot run: called where the trainer starts
+    (trainer.trainer.Trainer, launch/local.py), before any process group or engine exists.
+
+    Not part of :func:`validate`: a config written on a GPU cluster must still load on a laptop
+    (export, evaluation); it just cannot train there.
+    """
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    problems = []
+    device, precision = config.train.device, config.distributed.precision
+    if device == "cuda" and not cuda_available:
+        problems.append("train.device=cuda but CUDA is not available on this machine (use train.device=auto or cpu)")
+    on_cpu = device == "cpu" or (device == "auto" and not cuda_available)
+    if precision == "fp16" and on_cpu:
+        problems.append("distributed.precision=fp16 needs a GPU (this run would train on the CPU): "
+                        "use distributed.precision=bf16 or fp32")
+    if config.distributed.backend == "nccl" and on_cpu:
+        problems.append("distributed.backend=nccl needs CUDA devices (this run would train on the CPU): use gloo or null")
+    if problems:
+        raise ConfigError("this machine cannot run the config:\n  " + "\n  ".join(problems))
+
+
 def _model_problems(model: ModelConfig) -> list[str]:
     problems = []
     try:
@@ -479,6 +507,7 @@ __all__ = [
     "RunConfig",
     "TrainConfig",
     "apply_override",
+    "check_runnable",
     "config_hash",
     "load_config",
     "parse_value",

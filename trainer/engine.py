@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import math
-import warnings
-from dataclasses import replace
 
 import torch
 
 from model_zoo.goembedfusion import GOEmbedFusion
-from trainer.config import RunConfig
+from trainer.config import ConfigError, RunConfig
 
 
 def deepspeed_config(config: RunConfig, num_parameters: int | None = None) -> dict:
@@ -45,20 +43,37 @@ def lr_multiplier(step: int, warmup_steps: int, max_steps: int, min_ratio: float
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def check_zero3_joint_training(config: RunConfig, model: GOEmbedFusion) -> None:
+    """ZeRO-3 with ψ trained through GOEmbed needs the closed form (model_zoo/goembed.py).
+
+    The closed form reads ψ only through ψ(0) and its input Jacobian, computed inside ψ's own
+    forward, where ZeRO-3's hooks gather ψ's partitioned weights; the loss then reaches ψ by
+    first-order autograd. The autograd form (the MLP representation, a non-zero origin, a decoder
+    that also reads the point, ``model.goembed_method=autograd``) differentiates a second time
+    through the renderer during backward, outside those hooks, which DeepSpeed 0.19 cannot do
+    ("size of tensor a (0) ..."): refused here, with the two ways out.
+    """
+    from model_zoo.goembed import closed_form_applies
+
+    model_config = config.model
+    if not (config.distributed.zero_stage == 3 and model_config.train_decoder_through_encoder
+            and model_config.encoder == "goembed"):
+        return
+    if model_config.goembed_method != "autograd" and closed_form_applies(model.renderer):
+        return
+    raise ConfigError(
+        f"distributed.zero_stage=3 with model.train_decoder_through_encoder=true needs GOEmbed's closed form, which "
+        f"does not apply here (model.representation={model_config.representation}, "
+        f"model.goembed_method={model_config.goembed_method}): set model.train_decoder_through_encoder=false "
+        f"(ψ then learns from the rendering loss only) or use distributed.zero_stage=2")
+
+
 def build_engine(config: RunConfig, device: torch.device):
     """(engine, model) with a torch AdamW (DeepSpeed's "Adam" type would JIT-compile FusedAdam on CPU)."""
     import deepspeed
 
-    model_config = config.model
-    if config.distributed.zero_stage == 3 and model_config.train_decoder_through_encoder:
-        # GOEmbed's second-order graph (create_graph=True) reads ψ's weights during backward,
-        # outside the module hooks through which ZeRO-3 gathers partitioned parameters; DeepSpeed
-        # 0.19 then fails in backward ("size of tensor a (0) ..."), even with ψ kept persistent.
-        # Under ZeRO-3, ψ learns from the rendering loss only.
-        warnings.warn("distributed.zero_stage=3: model.train_decoder_through_encoder is turned off "
-                      "(no second-order path through GOEmbed under ZeRO-3)")
-        model_config = replace(model_config, train_decoder_through_encoder=False)
-    model = GOEmbedFusion(model_config, activation_checkpointing=config.distributed.activation_checkpointing).to(device)
+    model = GOEmbedFusion(config.model, activation_checkpointing=config.distributed.activation_checkpointing).to(device)
+    check_zero3_joint_training(config, model)
     optim = config.optim
     optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                                   weight_decay=optim.weight_decay)
