@@ -10,6 +10,7 @@ finite, backward, step, EMA, log, preview, checkpoint.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import resource
@@ -20,16 +21,17 @@ from dataclasses import replace
 import torch
 import yaml
 
-from data_pipeline import storage
+from data_pipeline import preflight, storage
 from data_pipeline.reader import StreamingReader
 from model_zoo.goembedfusion import Views
 from trainer.checkpoint import Checkpointer, TrainerState, capture_rng, restore_rng
-from trainer.config import RunConfig, load_config, save_config, to_dict
+from trainer.config import ConfigError, RunConfig, load_config, save_config, to_dict
 from trainer.distributed import DistEnv, all_gather_objects, all_true, init_distributed
 from trainer.ema import EMA
 from trainer.engine import build_engine
 from trainer.logging_utils import MetricsLogger, ProgressBar, plot_loss_curves
 from trainer.previews import save_preview_grid, save_turntable_gif, turntable_cameras
+from trainer.run_lock import RunLock, RunLockedError
 
 log = logging.getLogger("trainer")
 
@@ -62,11 +64,32 @@ def endless(reader: StreamingReader):
         yield from reader
 
 
+def check_before_start(config: RunConfig) -> None:
+    """Refuse missing data, buckets, credentials and too few views before anything expensive starts."""
+    storage.set_retry_seconds(config.data.storage_retry_seconds)  # inherited by loader workers
+    preflight.check_run(config)
+
+
+def lock_run_dir(run_dir: str, env: DistEnv) -> RunLock | None:
+    """Rank 0 takes the run directory's lock; every rank stops if it could not."""
+    lock, refused = None, None
+    if env.is_main and storage.is_local(run_dir):
+        try:
+            lock = RunLock(storage.local_path(run_dir)).acquire()
+        except RunLockedError as error:
+            refused = error
+    if not all_true(refused is None):
+        raise refused or RunLockedError(f"run directory {run_dir} is in use by another run (see rank 0's message)")
+    return lock
+
+
 def train(config: RunConfig, hooks: TrainHooks | None = None) -> str:
     hooks = hooks or TrainHooks()
+    check_before_start(config)
     env = init_distributed(config.train.device, config.distributed.backend)
     torch.manual_seed(config.train.seed + env.rank)
     run_dir = config.run_dir
+    run_lock = lock_run_dir(run_dir, env)  # held until this process ends
     os.makedirs(run_dir, exist_ok=True)
     if env.is_main:
         save_config(config, os.path.join(run_dir, "config.yaml"))
@@ -156,6 +179,8 @@ def train(config: RunConfig, hooks: TrainHooks | None = None) -> str:
     metrics_log.close()
     if env.is_main:
         plot_loss_curves(os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "loss.png"))
+    if run_lock is not None:
+        run_lock.release()
     return run_dir
 
 
@@ -252,16 +277,41 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m trainer.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML run config (default: the built-in defaults, see configs/tiny_cpu.yaml)")
     parser.add_argument("--run-dir", default=None, help="shorthand for run_dir=DIR")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of a refused config or storage error")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100 distributed.zero_stage=3")
     return parser
 
 
+# Errors that are the user's to fix: one message, no traceback (unless --debug).
+USER_ERRORS = (ConfigError, preflight.PreflightError, RunLockedError, storage.StorageUnavailableError)
+
+
+def user_error_message(error: BaseException) -> str | None:
+    """The one-line message for an error the user must fix, or None for a bug (traceback wanted)."""
+    text = str(error)
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: its last line is the error
+        last = text.strip().splitlines()[-1]
+        return last.split(": ", 1)[1] if last.startswith(tuple(e.__module__ + "." + e.__name__ for e in USER_ERRORS)) else None
+    if isinstance(error, USER_ERRORS):
+        return text
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return f"no space left on device: {error.filename or 'while writing'} ({error})"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
-    config = load_config(args.config, overrides)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    run_dir = train(config)
+    overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
+    try:
+        config = load_config(args.config, overrides)
+        run_dir = train(config)
+    except Exception as error:
+        message = user_error_message(error)
+        if message is None or args.debug:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
     if int(os.environ.get("RANK", "0")) == 0 and not os.environ.get("GOEMBED_LAUNCHER"):  # the launcher prints it last
         print(f"run_dir: {os.path.abspath(run_dir)}")
     return 0
