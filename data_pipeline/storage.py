@@ -288,12 +288,26 @@ class _UploadOnClose(io.RawIOBase):
     def write(self, data) -> int:
         return self.spool.write(data)
 
+    def tell(self) -> int:  # tarfile asks where it is
+        return self.spool.tell()
+
+    def __del__(self):
+        # Garbage-collected without close(): the writer failed somewhere. Publish nothing (and do not
+        # start network calls at interpreter exit).
+        self.failed = True
+        try:
+            self.close()
+        except Exception:
+            pass
+
     def __exit__(self, kind, value, traceback):
         self.failed = kind is not None
         return super().__exit__(kind, value, traceback)
 
     def close(self) -> None:
         if self.closed:
+            return
+        if not hasattr(self, "spool"):  # __init__ failed
             return
         try:
             self.spool.close()
@@ -309,6 +323,10 @@ def filesystem(url: str, storage_options: dict | None = None):
     wrapped in :class:`RetryingFileSystem`."""
     options = {**default_storage_options(url), **(storage_options or {})}
     protocol = protocol_of(url)
+    if protocol in ("s3", "s3a"):
+        # One retry policy, ours (bounded, logged): botocore's own retries would hide short outages
+        # unlogged and stretch every attempt of a long one.
+        options.setdefault("config_kwargs", {"retries": {"total_max_attempts": 1}})
     # credentials that botocore reads from the environment are part of the key too, so that a
     # changed AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY is not answered with a stale filesystem
     env_creds = hash(tuple(os.environ.get(k) for k in _CREDENTIAL_ENV)) if protocol in ("s3", "s3a") else None
