@@ -293,7 +293,8 @@ def user_error_message(error: BaseException) -> str | None:
         last = text.strip().splitlines()[-1]
         return last.split(": ", 1)[1] if last.startswith(tuple(e.__module__ + "." + e.__name__ for e in USER_ERRORS)) else None
     if isinstance(error, USER_ERRORS):
-        return text
+        lines = [line.strip() for line in text.splitlines()]
+        return " ".join(lines) if len(lines) <= 2 else text  # "invalid config: <the one problem>"
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         return f"no space left on device: {error.filename or 'while writing'} ({error})"
     return None
