@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data_pipeline import storage
+from data_pipeline import image_io, storage
 from data_pipeline.cli_types import background_colour, byte_size, positive_float, positive_int
 from data_pipeline.cameras import CameraError, blender_to_opencv_c2w, check_camera, intrinsics_from_fov, scale_intrinsics
 from data_pipeline.schema import IMAGE_FORMATS, ObjectSample, SampleError, encode_image, object_key
@@ -251,21 +251,13 @@ def frames_of(split: str, path: str, doc: dict) -> list[Frame]:
 
 
 def load_rgb(path: str, background: tuple[float, float, float]) -> np.ndarray:
-    """(H, W, 3) uint8: RGBA composited on ``background``, RGB as it is."""
+    """(H, W, 3) uint8: any Pillow mode (16-bit, palette, CMYK, LA, ...), transparency composited on ``background``."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
-            image = image.convert("RGBA" if has_alpha else "RGB")
-    except Exception as error:  # PIL raises many types for broken files
-        raise IngestError(f"{path}: cannot read image ({type(error).__name__}: {error})") from None
-    if not has_alpha:
-        return np.asarray(image, dtype=np.uint8).copy()
-    rgba = np.asarray(image, dtype=np.float64) / 255.0
-    alpha = rgba[..., 3:4]
+        image = image_io.open_image(path)
+    except image_io.ImageFileError as error:
+        raise IngestError(f"cannot read image: {error}") from None
     # Straight (non-premultiplied) alpha, composited in the stored sRGB values, as NeRF code does.
-    rgb = rgba[..., :3] * alpha + np.asarray(background, dtype=np.float64) * (1.0 - alpha)
-    return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
+    return image_io.to_rgb_uint8(image, background)
 
 
 def output_size(width: int, height: int, resolution: int | None) -> tuple[int, int]:

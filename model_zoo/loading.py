@@ -61,6 +61,8 @@ def _load_local(directory: str, device, dtype, shown_as: str | None = None) -> G
     from safetensors.torch import load_file
 
     shown_as = shown_as or directory
+    if not os.path.isdir(directory):
+        raise ExportFormatError(f"model directory {shown_as} does not exist")
     for name in (MODEL_CONFIG, WEIGHTS):
         if not os.path.isfile(os.path.join(directory, name)):
             hint = (" It looks like a training checkpoint: export it first with "
@@ -69,9 +71,22 @@ def _load_local(directory: str, device, dtype, shown_as: str | None = None) -> G
                     or os.path.exists(os.path.join(directory, "latest"))
                     or os.path.exists(os.path.join(directory, "checkpoints")) else "")
             raise ExportFormatError(f"{shown_as} has no {name}: it is not a model export.{hint}")
-    with open(os.path.join(directory, MODEL_CONFIG)) as f:
-        config = model_config_from_dict(json.load(f))
-    state = load_file(os.path.join(directory, WEIGHTS), device="cpu")
+    try:  # a truncated or foreign file: one line naming it, not a JSON/safetensors traceback
+        with open(os.path.join(directory, MODEL_CONFIG)) as f:
+            raw_config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ExportFormatError(f"{shown_as}/{MODEL_CONFIG} is not valid JSON (truncated?): {error}") from None
+    try:
+        config = model_config_from_dict(raw_config) if isinstance(raw_config, dict) else None
+    except (TypeError, ValueError) as error:
+        raise ExportFormatError(f"{shown_as}/{MODEL_CONFIG}: {error}") from None
+    if config is None:
+        raise ExportFormatError(f"{shown_as}/{MODEL_CONFIG} does not hold a JSON object")
+    try:
+        state = load_file(os.path.join(directory, WEIGHTS), device="cpu")
+    except Exception as error:  # safetensors raises its own SafetensorError (and OSError for short files)
+        raise ExportFormatError(f"{shown_as}/{WEIGHTS} cannot be read (truncated or not safetensors): "
+                                f"{type(error).__name__}: {error}") from None
     model = GOEmbedFusion(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
