@@ -296,7 +296,8 @@ def user_error_message(error: BaseException) -> str | None:
         lines = [line.strip() for line in text.splitlines()]
         return " ".join(lines) if len(lines) <= 2 else text  # "invalid config: <the one problem>"
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-        return f"no space left on device: {error.filename or 'while writing'} ({error})"
+        where = f" ({error.filename})" if error.filename and str(error.filename) not in str(error.strerror) else ""
+        return f"{error.strerror}{where}"
     return None
 
 
