@@ -5,10 +5,8 @@ Each test that stops a server uses its own (the session's ``s3_server`` keeps se
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import signal
 import socket
 import threading
 import time
@@ -18,7 +16,7 @@ import pytest
 from s3fs.errors import translate_boto_error
 
 from data_pipeline import storage
-from data_pipeline.local_s3 import LocalS3Error, LocalS3Server, describe_port, port_states
+from data_pipeline.local_s3 import LocalS3Error, LocalS3Server, port_states
 from data_pipeline.synthetic import generate_dataset
 from tests.test_trainer import launch, losses, settings
 
