@@ -21,6 +21,9 @@ import sys
 import time
 
 LOCK_NAME = ".run.lock"
+# Locks this process holds, by path: flock conflicts between two open files of one process too, so a
+# second train() in a process whose first one failed (its lock not yet collected) takes the held one.
+_HELD: dict[str, "RunLock"] = {}
 
 
 class RunLockedError(RuntimeError):
@@ -32,8 +35,15 @@ class RunLock:
         self.run_dir = os.path.abspath(run_dir)
         self.path = os.path.join(self.run_dir, LOCK_NAME)
         self._fd: int | None = None
+        self._pid: int | None = None
 
     def acquire(self) -> "RunLock":
+        held = _HELD.get(self.path)
+        if held is not None and held._fd is not None and held._pid == os.getpid():
+            self._fd, self._pid = held._fd, held._pid
+            _HELD[self.path] = self
+            held._fd = None
+            return self
         os.makedirs(self.run_dir, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -47,7 +57,8 @@ class RunLock:
                   "command": " ".join([os.path.basename(sys.executable), *sys.argv])[:500]}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
-        self._fd = fd
+        self._fd, self._pid = fd, os.getpid()
+        _HELD[self.path] = self
         return self
 
     def holder(self) -> dict:
@@ -59,10 +70,11 @@ class RunLock:
             return {}
 
     def release(self) -> None:
-        if self._fd is not None:
+        if self._fd is not None and self._pid == os.getpid():  # a forked child must not drop its parent's lock
             os.ftruncate(self._fd, 0)
             os.close(self._fd)  # closing drops the flock
-            self._fd = None
+            _HELD.pop(self.path, None)
+        self._fd = None
 
     def __enter__(self) -> "RunLock":
         return self.acquire()
