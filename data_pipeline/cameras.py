@@ -142,3 +142,31 @@ def check_cameras(K: np.ndarray, c2w: np.ndarray, where: str, tol: float = 1e-4)
         check_camera(K[i], c2w[i], where=f"{where}[{i}]", tol=tol)
     raise CameraError(f"{where}: intrinsics and extrinsics must be stacks of 3x3 and 4x4 of equal length, "
                       f"got {K.shape} and {c2w.shape}")
+
+
+# -- cameras circling the object (turntables, previews, image-to-3D targets) ----------------------
+def orbit_camera(radius: float, elevation_deg: float, azimuth_deg: float, fov_deg: float,
+                 resolution: int | tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(K (3, 3), c2w (4, 4)) float64 of a camera on the sphere of ``radius`` around the origin,
+    looking at it with world +z up: azimuth counter-clockwise seen from +z, starting on +x;
+    ``elevation_deg`` above the xy plane; ``fov_deg`` horizontal; ``resolution`` an int (square)
+    or (height, width)."""
+    if radius <= 0:
+        raise CameraError(f"orbit radius must be positive, got {radius}")
+    height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+    elevation, azimuth = math.radians(elevation_deg), math.radians(azimuth_deg)
+    eye = radius * np.array([math.cos(elevation) * math.cos(azimuth), math.cos(elevation) * math.sin(azimuth),
+                             math.sin(elevation)])
+    return intrinsics_from_fov(width, height, math.radians(fov_deg)), look_at_c2w(eye, np.zeros(3))
+
+
+def turntable_cameras(num_frames: int, radius: float, elevation_deg: float, fov_deg: float,
+                      resolution: int | tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """K (N, 3, 3) and c2w (N, 4, 4), float32: :func:`orbit_camera` at azimuths 360 * i / N degrees,
+    so the last frame leads back into the first and a looping GIF repeats no frame."""
+    if num_frames <= 0:
+        raise CameraError(f"num_frames must be positive, got {num_frames}")
+    cameras = [orbit_camera(radius, elevation_deg, 360.0 * i / num_frames, fov_deg, resolution)
+               for i in range(num_frames)]
+    return (np.stack([K for K, _ in cameras]).astype(np.float32),
+            np.stack([c2w for _, c2w in cameras]).astype(np.float32))

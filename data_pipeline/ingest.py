@@ -4,7 +4,8 @@ Usage::
 
     python -m data_pipeline.ingest SRC_DIR... --format nerf-synthetic --out DIR_OR_URL \\
         [--resolution R] [--maxcount N] [--maxsize BYTES] [--workers W] [--background r,g,b] \\
-        [--prefix shard] [--image-format png|jpg|webp] [--scale S] [--category NAME]
+        [--prefix shard] [--image-format png|jpg|webp] [--normalize visual-hull|none] [--box B] [--fit F]
+        [--scale S] [--category NAME]
 
 One object is one folder holding one or more ``transforms*.json`` files (``transforms.json`` or
 ``transforms_train/val/test.json``; the frames of all of them are the object's views), as
@@ -13,7 +14,13 @@ recursively; the object id is then the folder's path relative to SRC_DIR).
 
 Each view is composited on the background colour (RGBA renders), optionally resized, and its
 camera is converted once, here, from Blender/OpenGL to the OpenCV convention used everywhere
-else (see cameras.py). A broken object (missing image, malformed JSON, bad matrix or camera) is
+else (see cameras.py). Objects are normalised into the training box by default
+(``--normalize visual-hull``): the box of the visual hull of the views' alpha masks (a coarse
+grid, see visual_hull.py) is centred and scaled so its largest half-extent is ``fit * box``; the
+transform (``extra.source_to_world``, 4 x 4, the dataset's world -> the cameras' world), the hull's
+box (``extra.object_bbox``, in the new world) and how it was found (``extra.normalisation``) are
+recorded. ``--normalize none`` keeps the native scale (times ``--scale``). RGBA views keep their
+alpha as masks (``KEY.viewNNN.mask.png``). A broken object (missing image, malformed JSON, bad matrix or camera) is
 reported with the file at fault and skipped; the rest of the run goes on.
 
 Exit status: 0 when every object was written, 1 when some were skipped (or nothing could be
@@ -40,11 +47,14 @@ from tqdm import tqdm
 from data_pipeline import image_io, storage
 from data_pipeline.cli_types import background_colour, byte_size, positive_float, positive_int
 from data_pipeline.cameras import CameraError, blender_to_opencv_c2w, check_camera, intrinsics_from_fov, scale_intrinsics
-from data_pipeline.schema import IMAGE_FORMATS, ObjectSample, SampleError, encode_image, object_key
+from data_pipeline.schema import IMAGE_FORMATS, ObjectSample, SampleError, encode_image, encode_mask, object_key
 from data_pipeline.shards import ShardWriter
+from data_pipeline.visual_hull import HullError, visual_hull_box
 
 SOURCE_NAME = "nerf-synthetic"
 FORMATS = ("nerf-synthetic",)
+NORMALIZE = ("visual-hull", "none")
+HULL_GRID = 48
 # NeRF-synthetic often writes file_path without an extension ("./train/r_0"): try these in order.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 _TRANSFORMS_RE = re.compile(r"^transforms(?:_(?P<split>[A-Za-z0-9_\-]+))?\.json$")
@@ -83,6 +93,9 @@ class IngestOptions:
     scale: float = 1.0
     scale_reason: str = "default: no normalisation (--scale not given)"
     category: str | None = None
+    normalize: str = "visual-hull"
+    box: float = 1.0
+    fit: float = 0.9
 
 
 @dataclass(frozen=True)
@@ -251,13 +264,24 @@ def frames_of(split: str, path: str, doc: dict) -> list[Frame]:
 
 
 def load_rgb(path: str, background: tuple[float, float, float]) -> np.ndarray:
-    """(H, W, 3) uint8: any Pillow mode (16-bit, palette, CMYK, LA, ...), transparency composited on ``background``."""
+    """(H, W, 3) uint8: RGBA composited on ``background``, RGB as it is."""
+    return load_rgb_alpha(path, background)[0]
+
+
+def load_rgb_alpha(path: str, background: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray | None]:
+    """(RGB composited on ``background``, the alpha channel as (H, W) uint8 or None without one).
+
+    Any Pillow mode (16-bit, palette, CMYK, LA, ...): see data_pipeline/image_io.py."""
     try:
         image = image_io.open_image(path)
     except image_io.ImageFileError as error:
         raise IngestError(f"cannot read image: {error}") from None
     # Straight (non-premultiplied) alpha, composited in the stored sRGB values, as NeRF code does.
-    return image_io.to_rgb_uint8(image, background)
+    rgb = image_io.to_rgb_uint8(image, background)
+    if not image_io.has_alpha(image):
+        return rgb, None
+    alpha8 = np.clip(np.rint(image_io.to_rgba(image, np.float64)[..., 3] * 255.0), 0, 255).astype(np.uint8)
+    return rgb, alpha8
 
 
 def output_size(width: int, height: int, resolution: int | None) -> tuple[int, int]:
@@ -265,6 +289,12 @@ def output_size(width: int, height: int, resolution: int | None) -> tuple[int, i
     if resolution is None or resolution == width:
         return width, height
     return resolution, max(1, int(round(height * resolution / width)))
+
+
+def resize_alpha(alpha: np.ndarray, width: int, height: int) -> np.ndarray:
+    if alpha.shape[:2] == (height, width):
+        return alpha
+    return np.asarray(Image.fromarray(alpha, mode="L").resize((width, height), _RESAMPLE), dtype=np.uint8)
 
 
 def resize_rgb(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -315,8 +345,14 @@ def load_nerf_synthetic_object(
     category: str | None = None,
     object_id: str | None = None,
     scale_reason: str | None = None,
+    normalize: str = "visual-hull",
+    box: float = 1.0,
+    fit: float = 0.9,
 ) -> ObjectSample:
     """Read one NeRF-synthetic object folder into an :class:`ObjectSample` (OpenCV cameras).
+
+    ``normalize="visual-hull"`` centres and scales the object into [-box, box]^3 from its masks
+    (``scale`` is then not used); ``"none"`` multiplies camera translations by ``scale``.
 
     Raises :class:`IngestError` whose message starts with the file at fault.
     """
@@ -340,11 +376,13 @@ def load_nerf_synthetic_object(
     if not frames:
         raise IngestError(f"{files[0][1]}: no frames")
 
-    images, Ks, c2ws = [], [], []
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+    images, Ks, c2ws, alphas = [], [], [], []
     first_size: tuple[int, int] | None = None
     out_size: tuple[int, int] = (0, 0)
     for frame in frames:
-        rgb = load_rgb(frame.image_path, background)
+        rgb, alpha = load_rgb_alpha(frame.image_path, background)
         height, width = rgb.shape[:2]
         if first_size is None:
             first_size = (width, height)
@@ -354,30 +392,58 @@ def load_nerf_synthetic_object(
         K = frame_intrinsics(frame.camera, width, height, frame.where)
         K = scale_intrinsics(K, out_size[0] / width, out_size[1] / height) if out_size != (width, height) else K
         c2w = blender_to_opencv_c2w(frame.c2w_blender)
-        c2w[:3, 3] *= scale
         try:
             check_camera(K, c2w, where=frame.where)
         except CameraError as error:
             raise IngestError(str(error)) from None
         images.append(encode_image(resize_rgb(rgb, *out_size), image_format))
+        alphas.append(None if alpha is None else resize_alpha(alpha, *out_size))
         Ks.append(K)
         c2ws.append(c2w)
+    c2w_stack = np.stack(c2ws)
+    has_masks = all(a is not None for a in alphas)
+    normalisation, object_bbox = {"method": "none", "scale": float(scale)}, None
+    if normalize == "visual-hull" and has_masks:
+        try:
+            lo, hi = visual_hull_box(np.stack(alphas) >= 128, np.stack(Ks), c2w_stack, grid=HULL_GRID)
+        except HullError as error:
+            raise IngestError(f"{folder}: cannot normalise ({error}); use --normalize none") from None
+        centre, half = (lo + hi) / 2.0, float(np.max(hi - lo)) / 2.0
+        scale = fit * box / half
+        normalisation = {"method": "visual-hull", "grid": HULL_GRID, "scale": scale, "centre": centre.tolist(),
+                         "hull_min": lo.tolist(), "hull_max": hi.tolist(), "box": box, "fit": fit}
+        object_bbox = [(scale * (lo - centre)).tolist(), (scale * (hi - centre)).tolist()]
+        scale_reason = f"visual hull of the alpha masks: largest half-extent {half:.6g} -> {fit * box:.6g}"
+    else:
+        centre = np.zeros(3)
+        if normalize == "visual-hull":  # nothing to find the object in: say so, keep the native scale
+            normalisation["why"] = "the views have no alpha channel (no masks)"
+            scale_reason = "not normalised: the views have no alpha channel to find the object in"
+    source_to_world = np.eye(4)
+    source_to_world[:3, :3] *= scale
+    source_to_world[:3, 3] = -scale * centre
+    c2w_stack = c2w_stack.copy()
+    c2w_stack[:, :3, 3] = (c2w_stack[:, :3, 3] - centre) * scale
 
     extra = {
         "scale_reason": scale_reason or ("given (--scale)" if scale != 1.0 else IngestOptions().scale_reason),
+        "normalisation": normalisation,
+        "source_to_world": source_to_world.tolist(),
         "original_width": first_size[0],
         "original_height": first_size[1],
         "resample": "lanczos" if out_size != first_size else "none",
         "transforms_files": [os.path.basename(path) for _, path in files],
         "view_splits": [frame.split for frame in frames],
     }
+    if object_bbox is not None:
+        extra["object_bbox"] = object_bbox
     if duplicates:
         extra["duplicate_frames_dropped"] = duplicates
     return ObjectSample(
         object_id=object_id,
         images=images,
         intrinsics=np.stack(Ks),
-        c2w=np.stack(c2ws),
+        c2w=c2w_stack,
         width=out_size[0],
         height=out_size[1],
         image_format=image_format,
@@ -386,6 +452,7 @@ def load_nerf_synthetic_object(
         scale=float(scale),
         background=tuple(float(c) for c in background),
         extra=extra,
+        masks=[encode_mask(a) for a in alphas] if has_masks else None,
     )
 
 
@@ -402,6 +469,9 @@ def _load_worker(task: tuple[ObjectSource, IngestOptions]) -> LoadResult:
             category=options.category,
             object_id=source.object_id,
             scale_reason=options.scale_reason,
+            normalize=options.normalize,
+            box=options.box,
+            fit=options.fit,
         )
         return LoadResult(source, sample, None)
     except (IngestError, SampleError) as error:
@@ -463,6 +533,9 @@ def ingest(
     storage_options: dict | None = None,
     progress: bool = False,
     log=None,
+    normalize: str = "visual-hull",
+    box: float = 1.0,
+    fit: float = 0.9,
 ) -> IngestSummary:
     """Ingest NeRF-synthetic object folders (or folders of them) into shards at ``out``.
 
@@ -473,6 +546,12 @@ def ingest(
         raise ValueError(f"resolution must be >= 1, got {resolution}")
     if not (scale > 0 and math.isfinite(scale)):
         raise ValueError(f"scale must be a positive number, got {scale}")
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+    if normalize != "none" and scale != 1.0:
+        raise ValueError("scale is for normalize='none' (the visual hull chooses the scale itself)")
+    if not (box > 0 and 0 < fit <= 1):
+        raise ValueError(f"box must be > 0 and fit in (0, 1], got box={box}, fit={fit}")
     options = IngestOptions(
         resolution=resolution,
         background=tuple(float(c) for c in background),
@@ -480,6 +559,9 @@ def ingest(
         scale=float(scale),
         scale_reason="given (--scale)" if scale != 1.0 else IngestOptions.scale_reason,
         category=category,
+        normalize=normalize,
+        box=float(box),
+        fit=float(fit),
     )
     found = collect_sources(sources)
     unique, skipped = _split_duplicate_keys(found)
@@ -534,7 +616,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--background", type=background_colour, default=(1.0, 1.0, 1.0), help="r,g,b in [0,1] for transparent pixels (default 1,1,1: white)")
     parser.add_argument("--prefix", default="shard", help="shard file name prefix (default: shard)")
     parser.add_argument("--image-format", default="png", choices=IMAGE_FORMATS, help="encoding of the stored views (default png, lossless)")
-    parser.add_argument("--scale", type=positive_float, default=1.0, help="multiply camera translations by S (default 1.0)")
+    parser.add_argument("--normalize", choices=NORMALIZE, default="visual-hull", help="visual-hull (default): centre and scale each object into the box from its alpha masks; none: keep the native scale (times --scale)")
+    parser.add_argument("--box", type=positive_float, default=1.0, help="training box half-size (the model's box_half_size, default 1)")
+    parser.add_argument("--fit", type=positive_float, default=0.9, help="largest half-extent after normalisation, as a fraction of --box (default 0.9)")
+    parser.add_argument("--scale", type=positive_float, default=1.0, help="with --normalize none: multiply camera translations by S (default 1.0)")
     parser.add_argument("--category", default=None, help="category to record for every object (default: none)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -548,6 +633,10 @@ def main(argv: list[str] | None = None) -> int:
     for source in args.sources:
         if not os.path.isdir(source):
             parser.error(f"{source}: not a directory")
+    if args.scale != 1.0 and args.normalize != "none":
+        parser.error("--scale needs --normalize none (the visual hull chooses the scale itself)")
+    if args.fit > 1.0:
+        parser.error(f"--fit must be in (0, 1], got {args.fit}")
     try:
         summary = ingest(
             args.sources,
@@ -562,6 +651,9 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             prefix=args.prefix,
             progress=not args.no_progress,
+            normalize=args.normalize,
+            box=args.box,
+            fit=args.fit,
         )
     except SourceError as error:
         parser.error(str(error))

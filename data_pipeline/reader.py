@@ -31,9 +31,10 @@ import torch
 from PIL import Image
 
 from data_pipeline import storage
+from data_pipeline.box_fit import BoxFitWarner
 from data_pipeline.cameras import CameraError, check_cameras, scale_intrinsics
 from data_pipeline.epoch_plan import EpochPlan, remaining_positions
-from data_pipeline.schema import ObjectSample, SampleError, decode_image, parse_sample
+from data_pipeline.schema import ObjectSample, SampleError, decode_image, decode_mask, parse_sample
 from data_pipeline.shards import ShardIndex, load_or_build_index, read_sample_range
 
 log = logging.getLogger("data_pipeline.reader")
@@ -56,6 +57,8 @@ class ReaderConfig:
     storage_options: dict | None = None  # fsspec options (endpoint, key, ...); env vars otherwise
     warn_every_s: float = 30.0  # rate limit of warnings about skipped samples
     prefetch_batches: int = 2  # per worker
+    box_half_size: float | None = None  # the model's box: warn once if an object or camera misses it
+    masks: bool = False  # also decode the chosen views' masks (KEY.viewNNN.mask.png); objects without are skipped
 
     def __post_init__(self):
         checks = {
@@ -85,6 +88,8 @@ class ViewBatch:
     object_ids: list[str]
     context_view_indices: torch.Tensor  # (B, k) int64: which stored views were used
     target_view_indices: torch.Tensor  # (B, m)
+    context_masks: torch.Tensor | None = None  # (B, k, 1, H, W) in [0, 1] (1 = object), with ReaderConfig.masks
+    target_masks: torch.Tensor | None = None  # (B, m, 1, H, W)
 
     @property
     def num_objects(self) -> int:
@@ -298,21 +303,34 @@ class _SlotStream(torch.utils.data.IterableDataset):
 
     def _load_view(self, sample: ObjectSample, view: int) -> tuple[np.ndarray, np.ndarray]:
         rgb = decode_image(sample.images[view], sample.width, sample.height, where=f"{sample.object_id} view {view}")
+        mask = None
+        if self.config.masks:
+            mask = decode_mask(sample.masks[view], sample.width, sample.height, where=f"{sample.object_id} mask {view}")
         K = sample.intrinsics[view]
         if self.config.resolution is not None and self.config.resolution != sample.width:
             width = self.config.resolution
             height = max(1, round(sample.height * width / sample.width))
             rgb = np.asarray(Image.fromarray(rgb).resize((width, height), Image.BILINEAR))
+            if mask is not None:
+                mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.BILINEAR))
             K = scale_intrinsics(K, width / sample.width, height / sample.height)
+        if mask is not None:  # the mask travels as a 4th channel until _collate splits it off
+            rgb = np.concatenate([rgb, mask[..., None]], axis=-1)
         return rgb, K
 
     def _load_object(self, sample: ObjectSample, context: np.ndarray, target: np.ndarray) -> "_LoadedObject":
         """Decode (and resize) only the chosen views; raises SampleError for an undecodable one."""
         chosen = np.concatenate([context, target])
+        if self.config.box_half_size is not None:
+            if not hasattr(self, "_box_fit"):
+                self._box_fit = BoxFitWarner(self.config.box_half_size)
+            self._box_fit(sample)
         try:
             check_cameras(sample.intrinsics[chosen], sample.c2w[chosen], where=f"object {sample.object_id} views {chosen.tolist()}")
         except CameraError as error:
             raise _tag(SampleError(str(error)), "bad camera", None) from None
+        if self.config.masks and sample.masks is None:
+            raise _tag(SampleError(f"object {sample.object_id} has no masks (ReaderConfig.masks is set)"), "no masks", None)
 
         def views(indices: np.ndarray):
             loaded = [self._load_view(sample, int(v)) for v in indices]
@@ -370,8 +388,11 @@ def _collate(items: list[_LoadedObject]) -> _PackedBatch:
     count = len(items)
     height, width = items[0].image_shape
     k, m = len(items[0].context_views), len(items[0].target_views)
+    rgb = items[0].context_rgb if k else items[0].target_rgb
+    masks = rgb.shape[-1] == 4  # ReaderConfig.masks: RGB + mask channels
     layout = [
         ("context_images", (count, k, 3, height, width)), ("target_images", (count, m, 3, height, width)),
+        *([("context_masks", (count, k, 1, height, width)), ("target_masks", (count, m, 1, height, width))] if masks else []),
         ("context_K", (count, k, 3, 3)), ("context_c2w", (count, k, 4, 4)),
         ("target_K", (count, m, 3, 3)), ("target_c2w", (count, m, 4, 4)),
         ("background", (count, 3)), ("context_view_indices", (count, k)), ("target_view_indices", (count, m)),
@@ -384,14 +405,18 @@ def _collate(items: list[_LoadedObject]) -> _PackedBatch:
         start += size
     for i, item in enumerate(items):
         if k:
-            parts["context_images"][i] = item.context_rgb.transpose(0, 3, 1, 2)
+            parts["context_images"][i] = item.context_rgb[..., :3].transpose(0, 3, 1, 2)
         if m:
-            parts["target_images"][i] = item.target_rgb.transpose(0, 3, 1, 2)
+            parts["target_images"][i] = item.target_rgb[..., :3].transpose(0, 3, 1, 2)
+        if masks and k:
+            parts["context_masks"][i] = item.context_rgb[..., 3:].transpose(0, 3, 1, 2)
+        if masks and m:
+            parts["target_masks"][i] = item.target_rgb[..., 3:].transpose(0, 3, 1, 2)
         parts["context_K"][i], parts["context_c2w"][i] = item.context_K, item.context_c2w
         parts["target_K"][i], parts["target_c2w"][i] = item.target_K, item.target_c2w
         parts["background"][i] = item.background
         parts["context_view_indices"][i], parts["target_view_indices"][i] = item.context_views, item.target_views
-    images_end = count * (k + m) * 3 * height * width  # the images come first in the buffer
+    images_end = count * (k + m) * (4 if masks else 3) * height * width  # images (and masks) come first
     np.divide(buffer[:images_end], np.float32(255.0), out=buffer[:images_end])
     return _PackedBatch(torch.from_numpy(buffer), layout, [item.object_id for item in items])
 

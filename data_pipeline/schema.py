@@ -6,6 +6,9 @@ Schema version 1. A sample with key ``KEY`` is a group of consecutive tar member
     KEY.view000.png    view 0, RGB, 8 bit, composited on the background colour
     KEY.view001.png    view 1
     ...
+    KEY.view000.mask.png   optional: the object's mask in view 0, 8-bit grey, 255 = object,
+                           0 = background, in between = partly covered edge pixels (renders of
+                           meshes have them; other sources may not: masks are all or nothing)
 
 ``meta.json``::
 
@@ -21,7 +24,8 @@ Schema version 1. A sample with key ``KEY`` is a group of consecutive tar member
       "views": [                           # one entry per view, in member order
         {"name": "view000.png",
          "K": [[fx, 0, cx], [0, fy, cy], [0, 0, 1]],      # pixels; see cameras.py for the convention
-         "c2w": [[...4 numbers...] x 4]}                   # OpenCV camera-to-world, world units
+         "c2w": [[...4 numbers...] x 4],                   # OpenCV camera-to-world, world units
+         "mask": "view000.mask.png"}                       # only when the sample has masks
       ],
       "extra": {}                          # free-form, e.g. how the scale was chosen
     }
@@ -47,6 +51,7 @@ from data_pipeline.cameras import CameraError, check_cameras as check_camera_sta
 SCHEMA_VERSION = 1
 IMAGE_FORMATS = ("png", "jpg", "webp")
 META_SUFFIX = "meta.json"
+MASK_SUFFIX = "mask.png"
 
 
 class SampleError(ValueError):
@@ -69,6 +74,7 @@ class ObjectSample:
     scale: float = 1.0
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
     extra: dict = field(default_factory=dict)
+    masks: list[bytes] | None = None  # encoded 8-bit grey PNGs, one per view (255 = object), or None
 
     @property
     def num_views(self) -> int:
@@ -80,6 +86,9 @@ class ObjectSample:
 
     def view_name(self, index: int) -> str:
         return f"view{index:03d}.{self.image_format}"
+
+    def mask_name(self, index: int) -> str:
+        return mask_name(index)
 
     def meta(self) -> dict:
         return {
@@ -93,7 +102,8 @@ class ObjectSample:
             "height": int(self.height),
             "image_format": self.image_format,
             "views": [
-                {"name": self.view_name(i), "K": self.intrinsics[i].tolist(), "c2w": self.c2w[i].tolist()}
+                {"name": self.view_name(i), "K": self.intrinsics[i].tolist(), "c2w": self.c2w[i].tolist(),
+                 **({"mask": self.mask_name(i)} if self.masks is not None else {})}
                 for i in range(self.num_views)
             ],
             "extra": self.extra,
@@ -108,10 +118,20 @@ class ObjectSample:
                 f"{self.object_id}: expected intrinsics (V,3,3) and c2w (V,4,4) for V={self.num_views}, "
                 f"got {self.intrinsics.shape} and {self.c2w.shape}"
             )
+        if self.masks is not None and len(self.masks) != self.num_views:
+            raise SampleError(f"{self.object_id}: {len(self.masks)} masks for {self.num_views} views")
         key = self.key
         members = [(f"{key}.{META_SUFFIX}", json.dumps(self.meta(), indent=None).encode("utf-8"))]
-        members += [(f"{key}.{self.view_name(i)}", data) for i, data in enumerate(self.images)]
+        for i, data in enumerate(self.images):
+            members.append((f"{key}.{self.view_name(i)}", data))
+            if self.masks is not None:
+                members.append((f"{key}.{self.mask_name(i)}", self.masks[i]))
         return members
+
+
+def mask_name(index: int) -> str:
+    """The member suffix of view ``index``'s mask (always PNG: lossless, 8-bit grey)."""
+    return f"view{index:03d}.{MASK_SUFFIX}"
 
 
 def object_key(object_id: str) -> str:
@@ -145,6 +165,7 @@ def parse_sample(key: str, members: dict[str, bytes], check_cameras: bool = True
         intrinsics = np.array([v["K"] for v in views], dtype=np.float64).reshape(len(views), 3, 3)
         c2w = np.array([v["c2w"] for v in views], dtype=np.float64).reshape(len(views), 4, 4)
         names = [v["name"] for v in views]
+        mask_names = [v.get("mask") for v in views]
     except (KeyError, TypeError, ValueError) as error:
         raise SampleError(f"sample {key!r}: malformed {META_SUFFIX} field ({type(error).__name__}: {error})") from None
     if check_cameras:
@@ -157,6 +178,15 @@ def parse_sample(key: str, members: dict[str, bytes], check_cameras: bool = True
         if name not in members:
             raise SampleError(f"sample {key!r}: view file {key}.{name} is missing from the shard")
         images.append(members[name])
+    masks = None
+    if any(m is not None for m in mask_names):
+        if not all(isinstance(m, str) for m in mask_names):
+            raise SampleError(f"sample {key!r}: some views name a mask and some do not (masks are all or nothing)")
+        masks = []
+        for name in mask_names:
+            if name not in members:
+                raise SampleError(f"sample {key!r}: mask file {key}.{name} is missing from the shard")
+            masks.append(members[name])
     return ObjectSample(
         object_id=str(meta.get("object_id", key)),
         images=images,
@@ -170,6 +200,7 @@ def parse_sample(key: str, members: dict[str, bytes], check_cameras: bool = True
         scale=float(meta.get("scale", 1.0)),
         background=tuple(float(c) for c in meta.get("background", (1.0, 1.0, 1.0))),
         extra=dict(meta.get("extra") or {}),
+        masks=masks,
     )
 
 
@@ -188,6 +219,32 @@ def encode_image(rgb: np.ndarray, image_format: str = "png", quality: int = 95) 
     else:
         raise SampleError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
     return buffer.getvalue()
+
+
+def encode_mask(mask: np.ndarray) -> bytes:
+    """Encode an (H, W) uint8 mask (255 = object) as an 8-bit grey PNG."""
+    if mask.dtype != np.uint8 or mask.ndim != 2:
+        raise SampleError(f"masks must be (H, W) uint8, got {mask.shape} {mask.dtype}")
+    buffer = io.BytesIO()
+    Image.fromarray(mask, mode="L").save(buffer, format="PNG", compress_level=4)
+    return buffer.getvalue()
+
+
+def decode_mask(data: bytes, width: int | None = None, height: int | None = None, where: str = "mask") -> np.ndarray:
+    """Decode an 8-bit grey mask to (H, W) uint8, checking mode and size; raises :class:`SampleError`."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if image.mode != "L":
+                raise SampleError(f"{where}: a mask must be 8-bit grey (PIL mode L), got mode {image.mode}")
+            mask = np.asarray(image)
+    except SampleError:
+        raise
+    except Exception as error:
+        raise SampleError(f"{where}: cannot decode ({type(error).__name__}: {error})") from None
+    if width is not None and height is not None and mask.shape != (height, width):
+        raise SampleError(f"{where}: decoded size {mask.shape[1]}x{mask.shape[0]} differs from declared {width}x{height}")
+    return mask
 
 
 def decode_image(data: bytes, width: int | None = None, height: int | None = None, where: str = "image") -> np.ndarray:

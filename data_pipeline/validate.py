@@ -8,7 +8,7 @@ URL_PATTERN is a local path or any fsspec URL (s3://...) with braces and/or glob
 ``s3://bucket/omni/shard-{000000..000123}.tar``. Every shard is read through once, and for every
 object the validator checks: the schema version and metadata (schema.parse_sample), every camera
 (cameras.check_camera: orthonormal rotation with det +1, positive intrinsics), that every view
-decodes at the declared size, that no stray member sits in the sample, and that keys are unique
+decodes at the declared size (and every mask, when the sample has masks, as 8-bit grey), that no stray member sits in the sample, and that keys are unique
 across the whole dataset. Per shard it checks the tar structure (truncated or corrupt data, a
 missing end-of-archive marker) and that the sidecar index, when there is one, lists exactly the
 shard's sample keys and byte offsets.
@@ -33,7 +33,7 @@ from tqdm import tqdm
 from data_pipeline import storage
 from data_pipeline.cli_types import nonnegative_int
 from data_pipeline.cameras import CameraError, check_camera
-from data_pipeline.schema import IMAGE_FORMATS, META_SUFFIX, SampleError, decode_image, object_key, parse_sample
+from data_pipeline.schema import IMAGE_FORMATS, META_SUFFIX, SampleError, decode_image, decode_mask, mask_name, object_key, parse_sample
 from data_pipeline.shards import INDEX_SUFFIX, ShardIndex, iter_tar_groups, read_index
 
 # A tar archive ends with two zero blocks; a shard cut at a member boundary reads as a shorter,
@@ -172,10 +172,20 @@ def check_sample(url: str, key: str, members: dict[str, bytes], report: ShardRep
             problem(str(error))
     # parse_sample found every view by the name meta.json gives it; those names must follow the
     # schema (readers may rely on view000.png, ...) and nothing else may hide in the sample.
-    names = [str(view["name"]) for view in json.loads(members[META_SUFFIX].decode("utf-8"))["views"]]
+    views = json.loads(members[META_SUFFIX].decode("utf-8"))["views"]
+    names = [str(view["name"]) for view in views]
     if names != [sample.view_name(i) for i in range(sample.num_views)]:
         problem(f"view names in {META_SUFFIX} do not follow the schema (view000.{sample.image_format}, ...): {names[:3]}")
-    stray = sorted(set(members) - {META_SUFFIX} - set(names))
+    # masks are optional (renders of meshes have them): 8-bit grey, the view's size, schema names
+    mask_names = [str(view["mask"]) for view in views if "mask" in view]
+    for i, data in enumerate(sample.masks or ()):
+        try:
+            decode_mask(data, sample.width, sample.height, where=f"{key}.{mask_names[i]}")
+        except SampleError as error:
+            problem(str(error))
+    if mask_names and mask_names != [mask_name(i) for i in range(sample.num_views)]:
+        problem(f"mask names in {META_SUFFIX} do not follow the schema (view000.mask.png, ...): {mask_names[:3]}")
+    stray = sorted(set(members) - {META_SUFFIX} - set(names) - set(mask_names))
     if stray:
         problem(f"unexpected members not listed in {META_SUFFIX}: {', '.join(key + '.' + s for s in stray)}")
 

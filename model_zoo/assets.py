@@ -1,9 +1,9 @@
 """Assets a person can open from a 3D state ζ: a turntable GIF and a coloured mesh (PLY + GLB).
 
 ``turntable(model, state, path)`` renders ζ from cameras circling the world z axis (the up axis of
-the synthetic data and of :func:`trainer.previews.turntable_cameras`). ``extract_mesh(model,
+the synthetic data and of :func:`data_pipeline.cameras.turntable_cameras`). ``extract_mesh(model,
 state, out_dir)`` samples the decoder density σ on a grid over the object's box, extracts the
-iso-surface with :func:`model_zoo.mesh.marching_cubes`, colours the vertices with the decoder
+iso-surface with :func:`model_zoo.marching_tetrahedra.marching_tetrahedra`, colours the vertices with the decoder
 colour there, and writes ``mesh.ply`` and ``mesh.glb``.
 
 The iso-level, when not given, is physical rather than relative: σ* = ln 2 / δ, where δ = 2h / S
@@ -24,7 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model_zoo.mesh import density_grid, marching_cubes, vertex_colours, write_glb, write_ply
+from data_pipeline.cameras import turntable_cameras
+from model_zoo.image_files import save_turntable_gif
+from model_zoo.marching_tetrahedra import marching_tetrahedra
+from model_zoo.mesh import density_grid, vertex_colours, write_glb, write_ply
 
 DEFAULT_RADIUS_FACTOR = 2.6  # camera distance in box half-sizes: the box's inscribed object fills a 50° view
 DEFAULT_FOV_DEG = 50.0  # the synthetic data's field of view
@@ -43,16 +46,14 @@ def _param(model) -> torch.Tensor:
 def render_turntable(model, state: torch.Tensor, frames: int = 36, resolution: int | None = None,
                      radius: float | None = None, elevation_deg: float = 20.0, fov_deg: float = DEFAULT_FOV_DEG,
                      background=(1.0, 1.0, 1.0)) -> torch.Tensor:
-    """Frames (N, 3, H, W) in [0, 1] of one state from :func:`trainer.previews.turntable_cameras`."""
-    from trainer.previews import turntable_cameras
-
+    """Frames (N, 3, H, W) in [0, 1] of one state from :func:`data_pipeline.cameras.turntable_cameras`."""
     state = _batched(model, state)
     if state.shape[0] != 1:
         raise ValueError(f"one object at a time: state has batch size {state.shape[0]}")
     resolution = resolution or max(64, model.config.encode_resolution)
     radius = radius or DEFAULT_RADIUS_FACTOR * float(model.renderer.box_half_size)
     device = _param(model).device
-    K, c2w = turntable_cameras(frames, radius, elevation_deg, fov_deg, resolution)
+    K, c2w = (torch.from_numpy(x) for x in turntable_cameras(frames, radius, elevation_deg, fov_deg, resolution))
     bg = torch.as_tensor(background, dtype=torch.float32, device=device).reshape(1, 3)
     images = []
     for start in range(0, frames, 8):  # a few views per call keeps memory flat for long turntables
@@ -69,8 +70,6 @@ def turntable(model, state: torch.Tensor, path_gif: str | os.PathLike, frames: i
     Defaults: resolution max(64, encode_resolution) px, radius 2.6 × the box half-size, 20°
     elevation, 50° field of view, white background. Returns the path written.
     """
-    from trainer.previews import save_turntable_gif
-
     images = render_turntable(model, state, frames, resolution, radius, elevation_deg, fov_deg, background)
     save_turntable_gif(path_gif, images, fps=fps)
     return str(path_gif)
@@ -105,7 +104,7 @@ def extract_mesh(model, state: torch.Tensor, out_dir: str | os.PathLike, resolut
     """
     grid, spacing, origin = density_grid(model, state, resolution)
     level, rule = choose_level(model, grid, level)
-    vertices, faces = marching_cubes(grid, level, spacing, origin, close_boundary=True)
+    vertices, faces = marching_tetrahedra(grid, level, spacing, origin, close_boundary=True)
     colours = vertex_colours(model, state, vertices) if len(vertices) else np.zeros((0, 3), np.uint8)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

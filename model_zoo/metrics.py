@@ -3,10 +3,13 @@
 * ``psnr`` / ``ssim``: per image, images (N, 3, H, W) in [0, 1].
 * LPIPS comes from :mod:`model_zoo.lpips` with a configured weights file; with none,
   :func:`load_lpips` returns None and evaluation reports LPIPS as ``"unavailable"``, never a made-up number.
-* FID / KID compare two sets of image *features*. Extractors share one interface
+* FID / KID compare two sets of image *features*; the distances are torchmetrics'
+  (:func:`fid_from_features`, :func:`kernel_inception_distance`). Extractors share one interface
   (:class:`FeatureExtractor`: images in [0, 1] -> (N, D)); images are first resized to 128 px,
   the resolution of OmniObject3D's generation protocol.
-  - :class:`InceptionFeatures`: Inception-v3 pool features (2048-d), weights from a file.
+  - :class:`InceptionFeatures`: Inception-v3 pool features (2048-d), weights from a file in the
+    layout of torch-fidelity's ``pt_inception-2015-12-05`` (torch-fidelity itself imports
+    torchvision, which does not import against this project's CPU torch).
   - :class:`RandomConvFeatures`: a fixed random conv net (deterministic from a seed). It needs no
     weights, so the pipeline runs anywhere, but its numbers are only comparable with each other,
     never with published FID/KID.
@@ -15,6 +18,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -72,82 +76,76 @@ def load_lpips(weights_path: str | None, device="cpu") -> LPIPS | None:
     return LPIPS(weights_path).to(device)
 
 
-# -- distribution distances ---------------------------------------------------------------------
-def _sqrtm_psd(matrix: np.ndarray) -> np.ndarray:
-    """Square root of a symmetric positive semi-definite matrix by eigen-decomposition."""
-    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
-    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+# -- distribution distances (torchmetrics) -------------------------------------------------------
+class _Precomputed(nn.Module):
+    """The identity on features already extracted (and gathered from every rank): torchmetrics'
+    FID/KID take any module as their feature extractor, and this one hands the features through."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.num_features = dim  # torchmetrics reads this instead of probing with a dummy image
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
 
 
-def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, use_scipy: bool | None = None) -> float:
-    """tr(sqrt(sigma1 @ sigma2)). With scipy (installed here; not a declared dependency) it is
-    pytorch-fid's ``scipy.linalg.sqrtm``; without it, tr(sqrt(s1^½ s2 s1^½)), the same value since
-    that matrix is similar to s1 s2, and symmetric, so eigh is enough."""
-    if use_scipy is None:
-        try:
-            import scipy.linalg  # noqa: F401
-            use_scipy = True
-        except ImportError:
-            use_scipy = False
-    if use_scipy:
-        import scipy.linalg
-
-        root = scipy.linalg.sqrtm(sigma1 @ sigma2)
-        if not np.isfinite(root).all():  # singular product: nudge the diagonals, as pytorch-fid does
-            offset = np.eye(sigma1.shape[0]) * 1e-6
-            root = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-        return float(np.real(np.trace(root)))
-    half = _sqrtm_psd(sigma1)
-    return float(np.trace(_sqrtm_psd(half @ sigma2 @ half)))
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2, use_scipy: bool | None = None) -> float:
-    """||mu1 - mu2||² + tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)) (FID when the inputs are
-    Inception pool-feature statistics)."""
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2, use_scipy))
-
-
-def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
-    features = np.asarray(features, np.float64)
-    return features.mean(0), np.cov(features, rowvar=False)
+def _feature_pair(f1, f2) -> tuple[torch.Tensor, torch.Tensor]:
+    # float64: FID subtracts nearly equal traces, and torchmetrics accumulates in float64 anyway
+    f1, f2 = (torch.as_tensor(np.asarray(f, np.float64)) for f in (f1, f2))
+    if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1]:
+        raise ValueError(f"features must be (N, D) with the same D, got {tuple(f1.shape)} and {tuple(f2.shape)}")
+    return f1, f2
 
 
 def fid_from_features(f1, f2) -> float:
-    return frechet_distance(*feature_statistics(f1), *feature_statistics(f2))
+    """Fréchet distance ||mu1 - mu2||² + tr(S1 + S2 - 2 (S1 S2)^½) between the Gaussians fitted to two
+    feature sets (N, D), computed by ``torchmetrics.image.FrechetInceptionDistance`` (FID when the
+    features are Inception pool3 features)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance  # here: importing torchmetrics takes seconds
+
+    f1, f2 = _feature_pair(f1, f2)
+    # sync_on_compute=False: the features are already gathered; a second all-gather would count them twice.
+    metric = FrechetInceptionDistance(feature=_Precomputed(f1.shape[1]), sync_on_compute=False)
+    metric.update(f1, real=True)
+    metric.update(f2, real=False)
+    return float(metric.compute())
 
 
 def kernel_inception_distance(f1, f2, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """KID (Bińkowski et al. 2018): the unbiased MMD² with the kernel k(x, y) = (x·y / d + 1)³,
-    averaged over ``subsets`` random subsets of ``min(subset_size, n1, n2)`` features of each
-    set. Returns (mean, std) over the subsets. Can be slightly negative (unbiased estimator)."""
-    f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
-    d = f1.shape[1]
+    """KID (Bińkowski et al. 2018) by ``torchmetrics.image.KernelInceptionDistance``: the unbiased MMD²
+    with the kernel k(x, y) = (x·y / d + 1)³, over ``subsets`` random subsets of
+    ``min(subset_size, n1, n2)`` features of each set. Returns (mean, std) over the subsets, in raw
+    units (papers often print KID × 100 or × 1000). Can be slightly negative (unbiased estimator).
+    The subsets are drawn from torch's generator seeded with ``seed``, so a seed gives one answer."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    f1, f2 = _feature_pair(f1, f2)
     m = min(subset_size, len(f1), len(f2))
     if m < 2:
         raise ValueError("kernel_inception_distance needs at least 2 features in each set")
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(subsets):
-        x = f1[rng.choice(len(f1), m, replace=False)]
-        y = f2[rng.choice(len(f2), m, replace=False)]
-        k_xx = (x @ x.T / d + 1) ** 3
-        k_yy = (y @ y.T / d + 1) ** 3
-        k_xy = (x @ y.T / d + 1) ** 3
-        # Unbiased: the within-set sums leave out the diagonal (a point compared with itself).
-        within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
-        values.append(within - 2 * k_xy.mean())
-    return float(np.mean(values)), float(np.std(values))
+    with warnings.catch_warnings():  # it warns on every construction that it keeps all features in memory
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        metric = KernelInceptionDistance(feature=_Precomputed(f1.shape[1]), subsets=subsets, subset_size=m,
+                                         sync_on_compute=False)
+    metric.update(f1, real=True)
+    metric.update(f2, real=False)
+    with torch.random.fork_rng(devices=[]):  # torchmetrics draws subsets from the global generator
+        torch.manual_seed(seed)
+        mean, std = metric.compute()
+    return float(mean), float(std)
 
 
 # -- feature extractors -------------------------------------------------------------------------
 class FeatureExtractor(nn.Module):
-    """Images (N, 3, H, W) in [0, 1] -> features (N, D); inputs are resized to 128 px first."""
+    """Images (N, 3, H, W) in [0, 1] -> features (N, D); inputs are resized to 128 px first. Also usable
+    as torchmetrics' ``FrechetInceptionDistance(feature=extractor)`` (it reads ``num_features``)."""
 
     dim: int
     name: str
+
+    @property
+    def num_features(self) -> int:
+        return self.dim
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -186,9 +184,11 @@ class RandomConvFeatures(FeatureExtractor):
         return x.mean(dim=(2, 3))
 
 
-# Inception-v3 as used for FID (pytorch-fid's FIDInceptionV3; torchvision's Inception3 names),
-# so the 2015 TF-ported weights (pt_inception-2015-12-05-*.pth) load by name. Not checked
-# against the real file here (no network); a file lacking any of these keys is refused.
+# Inception-v3 as used for FID: the graph of torch-fidelity's FeatureExtractorInceptionV3 (itself
+# pytorch-fid's FIDInceptionV3), with its module names, so the 2015 TF-ported weights file
+# (pt_inception-2015-12-05-6726825d.pth, the same file in both projects) loads by name.
+# tests/test_metrics.py checks every key and shape against that file's layout, taken from
+# torch-fidelity's converter (utils/util_convert_inception_weights.py).
 class _Conv(nn.Module):
     def __init__(self, c_in, c_out, kernel, stride=1, padding=0):
         super().__init__()
@@ -286,7 +286,7 @@ class _InceptionE(nn.Module):
 
 
 class InceptionV3Pool(nn.Module):
-    """The network: images (N, 3, H, W) in [0, 1] -> (N, 2048) pool3 features, random-initialised."""
+    """The network: images (N, 3, H, W) in [0, 255] -> (N, 2048) pool3 features, random-initialised."""
 
     def __init__(self):
         super().__init__()
@@ -301,7 +301,8 @@ class InceptionV3Pool(nn.Module):
         self.Mixed_7b, self.Mixed_7c = _InceptionE(1280, max_pool=False), _InceptionE(2048, max_pool=True)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False) * 2 - 1
+        """Images in [0, 255] (any size) -> pool3 features, preprocessed as torch-fidelity does."""
+        x = (resize_bilinear_tf1(images, 299, 299) - 128) / 128
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, stride=2)))
         x = F.max_pool2d(x, 3, stride=2)
@@ -310,10 +311,28 @@ class InceptionV3Pool(nn.Module):
         return x.mean(dim=(2, 3))
 
 
+def resize_bilinear_tf1(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bilinear resize as TensorFlow 1's ``resize_bilinear(align_corners=False)``, which the FID graph
+    used: output pixel i samples the input at i * in / out (no half-pixel offset, unlike
+    ``F.interpolate``), between the pixels floor() and floor() + 1 (clamped to the last)."""
+
+    def taps(size_in: int, size_out: int, device):
+        src = torch.arange(size_out, dtype=torch.float64, device=device) * (size_in / size_out)
+        lo = src.floor().long().clamp_max(size_in - 1)
+        return lo, (lo + 1).clamp_max(size_in - 1), (src - lo).to(images.dtype)
+
+    y0, y1, fy = taps(images.shape[-2], height, images.device)
+    x0, x1, fx = taps(images.shape[-1], width, images.device)
+    rows = images[..., y0, :] + (images[..., y1, :] - images[..., y0, :]) * fy[:, None]
+    return rows[..., x0] + (rows[..., x1] - rows[..., x0]) * fx
+
+
 class InceptionFeatures(FeatureExtractor):
-    """Inception-v3 pool3 features (2048-d) for FID/KID, weights from ``weights_path`` (safetensors
-    or torch.save state dict with torchvision Inception3 names; extra keys such as ``fc.*`` are
-    ignored). Never downloaded. Like pytorch-fid, the 128 px images are resized to 299 inside."""
+    """Inception-v3 pool3 features (2048-d) for FID/KID, weights from ``weights_path``: torch-fidelity's /
+    pytorch-fid's ``pt_inception-2015-12-05`` file, or any state dict (safetensors or torch.save) with
+    its names; extra keys such as ``fc.*`` are ignored. Never downloaded. The 128 px images are
+    quantised to 8 bits (rounded: our images come from 8-bit PNGs, so this restores their exact
+    values) and resized to 299 inside, as torch-fidelity does with uint8 images."""
 
     def __init__(self, weights_path: str | None):
         super().__init__()
@@ -324,16 +343,22 @@ class InceptionFeatures(FeatureExtractor):
         self.dim, self.name = 2048, "inception_v3"
         self.net = InceptionV3Pool()
         state = load_state_file(weights_path)
-        own = self.net.state_dict()
-        missing = sorted(set(own) - set(state))
+        # The TF-ported file has no BatchNorm step counters (num_batches_tracked); nothing reads them in eval.
+        wanted = {key: value for key, value in self.net.state_dict().items() if not key.endswith("num_batches_tracked")}
+        missing = sorted(set(wanted) - set(state))
         if missing:
             raise ValueError(f"Inception weights at {weights_path} lack {len(missing)} keys, e.g. {missing[:3]} "
-                             "(expected torchvision Inception3 names, as in pytorch-fid's pt_inception file)")
-        self.net.load_state_dict({key: state[key] for key in own}, strict=True)
+                             "(expected the names of torch-fidelity's pt_inception-2015-12-05 file)")
+        wrong = [f"{key}: {tuple(state[key].shape)} != {tuple(value.shape)}"
+                 for key, value in wanted.items() if tuple(state[key].shape) != tuple(value.shape)]
+        if wrong:
+            raise ValueError(f"Inception weights at {weights_path} have {len(wrong)} tensors of the wrong shape, "
+                             f"e.g. {wrong[:2]}")
+        self.net.load_state_dict({key: state[key] for key in wanted}, strict=False)
         self.requires_grad_(False).eval()
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images)
+        return self.net((images.clamp(0, 1) * 255).round())
 
 
 def build_feature_extractor(kind: str = "random", inception_weights: str | None = None, seed: int = 0) -> FeatureExtractor:

@@ -1,5 +1,6 @@
-"""Meshes, turntables and single-image-to-3D: iso-surfaces against analytic shapes, files read back
-by an independent reader (trimesh), and the whole image -> mesh + GIF path on the tiny model."""
+"""Meshes, turntables and single-image-to-3D: iso-surfaces against analytic shapes, files (written
+by trimesh) checked at the byte level and read back, and the whole image -> mesh + GIF path on the
+tiny model."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from data_pipeline.synthetic import make_object
 from model_zoo.assets import choose_level, default_level, extract_mesh, turntable
 from model_zoo.goembedfusion import GOEmbedFusion, ModelConfig
 from model_zoo.image_to_3d import corner_background, image_to_3d, load_image, main
-from model_zoo.mesh import density_grid, edge_use_counts, marching_cubes, write_glb, write_ply
+from model_zoo.marching_tetrahedra import edge_use_counts, marching_tetrahedra
+from model_zoo.mesh import density_grid, marching_cubes, write_glb, write_ply
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -47,7 +49,7 @@ def test_sphere_radius_closed_and_outward():
     radius = 0.6
     density = radius - np.sqrt(x * x + y * y + z * z)  # > 0 inside
     start = time.perf_counter()
-    vertices, faces = marching_cubes(density, 0.0, spacing, -1.0)
+    vertices, faces = marching_tetrahedra(density, 0.0, spacing, -1.0)
     assert time.perf_counter() - start < 10  # 64^3: well under a second idle
     distances = np.linalg.norm(vertices, axis=1)
     assert abs(distances.mean() - radius) < 0.02 * radius
@@ -61,7 +63,7 @@ def test_sphere_radius_closed_and_outward():
 def test_cube_and_border_are_closed():
     (x, y, z), spacing = grid(33)
     cube = np.maximum(np.maximum(np.abs(x), np.abs(y)), np.abs(z))
-    vertices, faces = marching_cubes(0.5 - cube, 0.0, spacing, -1.0)
+    vertices, faces = marching_tetrahedra(0.5 - cube, 0.0, spacing, -1.0)
     mesh = assert_closed_and_outward(vertices, faces)
     assert mesh.volume == pytest.approx(1.0, rel=0.02)
     # the faces pass exactly through grid points (values equal to the level): still closed, and no
@@ -70,20 +72,20 @@ def test_cube_and_border_are_closed():
     np.testing.assert_allclose(vertices.max(0), 0.5, atol=1e-4 * spacing)
     assert len(np.unique(vertices, axis=0)) == len(vertices)
     # A field that fills the whole grid is closed at the border (within half a cell outside it)...
-    vertices, faces = marching_cubes(np.ones((6, 7, 8)), 0.5)
+    vertices, faces = marching_tetrahedra(np.ones((6, 7, 8)), 0.5)
     mesh = assert_closed_and_outward(vertices, faces)
     np.testing.assert_allclose(vertices.min(0), -0.5, atol=1e-6)
     np.testing.assert_allclose(vertices.max(0), [5.5, 6.5, 7.5], atol=1e-6)
     # ...or left open without close_boundary; an empty field gives an empty mesh.
-    assert len(marching_cubes(np.ones((6, 7, 8)), 0.5, close_boundary=False)[1]) == 0
-    vertices, faces = marching_cubes(np.zeros((5, 5, 5)), 0.5)
+    assert len(marching_tetrahedra(np.ones((6, 7, 8)), 0.5, close_boundary=False)[1]) == 0
+    vertices, faces = marching_tetrahedra(np.zeros((5, 5, 5)), 0.5)
     assert vertices.shape == (0, 3) and faces.shape == (0, 3)
 
 
 def test_axis_order_spacing_and_origin():
     # density rises along axis 0 only: the surface is the plane x = 0.3 (inside where x > 0.3)
     (x, _, _), spacing = grid(17)
-    vertices, faces = marching_cubes(x - 0.3, 0.0, spacing, -1.0, close_boundary=False)
+    vertices, faces = marching_tetrahedra(x - 0.3, 0.0, spacing, -1.0, close_boundary=False)
     np.testing.assert_allclose(vertices[:, 0], 0.3, atol=1e-6)
     normals = trimesh.Trimesh(vertices, faces, process=False).face_normals
     np.testing.assert_allclose(normals, np.tile([[-1.0, 0.0, 0.0]], (len(faces), 1)), atol=1e-6)
@@ -93,7 +95,7 @@ def test_noise_is_closed_and_consistently_wound():
     # white noise: every inside/outside pattern, saddles everywhere, many separate pieces
     density = np.random.default_rng(0).standard_normal((40, 40, 40))
     start = time.perf_counter()
-    vertices, faces = marching_cubes(density, 0.0)
+    vertices, faces = marching_tetrahedra(density, 0.0)
     assert time.perf_counter() - start < 30  # about 1 s on an idle 2-core machine (400k faces)
     assert (edge_use_counts(faces) == 2).all()
     assert trimesh.Trimesh(vertices, faces, process=False).is_winding_consistent
@@ -105,13 +107,14 @@ def test_noise_is_closed_and_consistently_wound():
 def ellipsoid():
     (x, y, z), spacing = grid(40)
     density = 1.0 - (((x - 0.2) / 0.5) ** 2 + (y / 0.3) ** 2 + ((z + 0.1) / 0.7) ** 2)
-    vertices, faces = marching_cubes(density, 0.0, spacing, -1.0)
+    vertices, faces = marching_tetrahedra(density, 0.0, spacing, -1.0)
     colours = np.round((vertices - vertices.min(0)) / np.ptp(vertices, 0) * 255).astype(np.uint8)
     return vertices, faces, colours
 
 
 def test_ply_reads_back_in_trimesh(tmp_path, ellipsoid):
     vertices, faces, colours = ellipsoid
+    assert marching_cubes is marching_tetrahedra  # the old name still imports from model_zoo.mesh
     write_ply(tmp_path / "m.ply", vertices, faces, colours)
     mesh = trimesh.load(tmp_path / "m.ply", process=False)
     assert mesh.vertices.shape == vertices.shape and mesh.faces.shape == faces.shape
@@ -119,6 +122,9 @@ def test_ply_reads_back_in_trimesh(tmp_path, ellipsoid):
     np.testing.assert_array_equal(mesh.faces, faces)
     np.testing.assert_array_equal(mesh.visual.vertex_colors[:, :3], colours)
     assert trimesh.load(tmp_path / "m.ply").vertices.shape == vertices.shape  # default processing merges nothing
+    write_ply(tmp_path / "empty.ply", np.zeros((0, 3)), np.zeros((0, 3), int))  # an empty surface: still a valid file
+    header = (tmp_path / "empty.ply").read_bytes().split(b"end_header")[0]
+    assert b"element vertex 0" in header and b"element face 0" in header
 
 
 def test_glb_reads_back_in_trimesh(tmp_path, ellipsoid):
@@ -134,6 +140,11 @@ def test_glb_reads_back_in_trimesh(tmp_path, ellipsoid):
     bin_length, bin_type = struct.unpack_from("<II", data, 20 + json_length)
     assert bin_type == 0x004E4942 and bin_length % 4 == 0 and 28 + json_length + bin_length == len(data)
     assert document["asset"]["version"] == "2.0"
+    (primitive,) = document["meshes"][0]["primitives"]
+    assert set(primitive["attributes"]) == {"POSITION", "COLOR_0"} and primitive["mode"] == 4  # triangles
+    assert document["accessors"][primitive["indices"]]["componentType"] == 5125  # uint32 indices
+    pbr = document["materials"][primitive["material"]]["pbrMetallicRoughness"]
+    assert (pbr["metallicFactor"], pbr["roughnessFactor"]) == (0.0, 1.0)  # matte: the colours show
     assert all(view["byteOffset"] % 4 == 0 for view in document["bufferViews"])
     position = document["accessors"][document["meshes"][0]["primitives"][0]["attributes"]["POSITION"]]
     np.testing.assert_allclose(position["min"], vertices.min(0), atol=1e-6)

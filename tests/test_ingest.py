@@ -22,7 +22,21 @@ from PIL import Image
 
 from data_pipeline import storage
 from data_pipeline.cameras import project_points, project_points_blender, scale_intrinsics
-from data_pipeline.ingest import IngestError, SourceError, ingest, load_nerf_synthetic_object, main
+import functools
+
+from data_pipeline.ingest import IngestError, SourceError
+from data_pipeline.ingest import ingest as _ingest
+from data_pipeline.ingest import load_nerf_synthetic_object as _load_object
+from data_pipeline.ingest import main as _main
+
+# These tests check cameras against the files exactly: native scale (normalisation has its own
+# tests in test_ingest_normalise.py).
+ingest = functools.partial(_ingest, normalize="none")
+load_nerf_synthetic_object = functools.partial(_load_object, normalize="none")
+
+
+def main(argv):
+    return _main([*argv, "--normalize", "none"])
 from data_pipeline.schema import ObjectSample, decode_image, parse_sample
 from data_pipeline.shards import iter_tar_groups, read_index
 from data_pipeline.validate import validate
@@ -323,7 +337,7 @@ def test_missing_image_and_malformed_json_skip_only_that_object(tmp_path):
     out = tmp_path / "out"
 
     result = subprocess.run(
-        [sys.executable, "-m", "data_pipeline.ingest", str(root), "--format", "nerf-synthetic", "--out", str(out), "--workers", "2"],
+        [sys.executable, "-m", "data_pipeline.ingest", str(root), "--format", "nerf-synthetic", "--out", str(out), "--workers", "2", "--normalize", "none"],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 1, result.stderr
@@ -436,7 +450,8 @@ def test_ingest_and_validate_on_s3(tmp_path, s3_env, s3_bucket):
     make_dataset(tmp_path / "src")
     out = f"{s3_bucket}/omni/v1"
     ingested = subprocess.run([sys.executable, "-m", "data_pipeline.ingest", str(tmp_path / "src"), "--format", "nerf-synthetic",
-                               "--out", out, "--maxcount", "2", "--resolution", "32", "--workers", "2", "--no-progress"],
+                               "--out", out, "--maxcount", "2", "--resolution", "32", "--workers", "2", "--no-progress",
+                               "--normalize", "none"],
                               capture_output=True, text=True, timeout=120)
     assert ingested.returncode == 0, ingested.stdout + ingested.stderr
     pattern = f"{out}/shard-{{000000..000001}}.tar"

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageSequence
 
+from data_pipeline import cameras
 from data_pipeline.cameras import project_points
 from trainer.logging_utils import MetricsLogger, ProgressBar, plot_loss_curves, read_metrics
 from trainer.previews import SEPARATOR_PX, save_preview_grid, save_turntable_gif, turntable_cameras
@@ -240,3 +241,16 @@ def test_turntable_cameras_look_at_the_origin_from_the_radius():
         # world up (+z) points up in the image: a point above the origin lands above the centre
         (above,), _ = project_points(np.array([[0.0, 0.0, 0.1]]), K[i].double().numpy(), c2w[i].double().numpy())
         assert above[1] < 24.0
+
+
+def test_one_orbit_implementation_behind_the_turntable_and_single_cameras():
+    K, c2w = turntable_cameras(8, 2.0, 15.0, fov_deg=50.0, resolution=32)
+    np_K, np_c2w = cameras.turntable_cameras(8, 2.0, 15.0, 50.0, 32)
+    assert torch.equal(K, torch.from_numpy(np_K)) and torch.equal(c2w, torch.from_numpy(np_c2w))
+    for i in range(8):  # frame i is the orbit camera at azimuth 45° * i
+        single_K, single_c2w = cameras.orbit_camera(2.0, 15.0, 45.0 * i, 50.0, 32)
+        np.testing.assert_allclose(np_K[i], single_K, rtol=1e-6)
+        np.testing.assert_allclose(np_c2w[i], single_c2w, atol=1e-6)
+    cameras.check_cameras(np_K, np_c2w, where="turntable")
+    with pytest.raises(ValueError, match="radius"):
+        turntable_cameras(4, 0.0, 10.0, 50.0, 32)

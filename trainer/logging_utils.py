@@ -17,10 +17,11 @@ import os
 import sys
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
-from trainer.previews import save_image_atomic
+from model_zoo.image_files import save_image_atomic
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -183,38 +184,7 @@ class ProgressBar:
 
 
 # ----------------------------------------------------------------------------------- loss plot
-# Drawn with Pillow (already a dependency) rather than matplotlib: one fewer heavy package on
-# every training node, and no backend or font-cache set-up on headless machines.
-
-_PLOT_SIZE = (1000, 620)
-_MARGIN_LEFT, _MARGIN_RIGHT, _MARGIN_TOP, _MARGIN_BOTTOM = 100, 45, 56, 70
-_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
-
-
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)  # scalable font: Pillow >= 10.1 with FreeType
-    except (TypeError, ImportError, OSError):
-        return ImageFont.load_default()
-
-
-def _nice_ticks(lo: float, hi: float, target: int = 6, min_step: float = 0.0) -> list[float]:
-    """Round-numbered ticks (1, 2 or 5 times a power of ten apart) covering [lo, hi]."""
-    raw = max((hi - lo) / target, min_step, 1e-300)
-    magnitude = 10.0 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw * (1 - 1e-9))
-    first = math.ceil(lo / step - 1e-9) * step
-    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
-
-
-def _log_ticks(lo: float, hi: float) -> list[float]:
-    """Tick values for a log axis spanning 10**lo .. 10**hi."""
-    decades = range(math.floor(lo), math.ceil(hi) + 1)
-    for multipliers in ((1,), (1, 2, 5), (1, 2, 3, 4, 5, 6, 7, 8, 9)):
-        ticks = [m * 10.0 ** d for d in decades for m in multipliers if lo - 1e-9 <= math.log10(m) + d <= hi + 1e-9]
-        if len(ticks) >= 3:
-            return ticks
-    return _nice_ticks(10.0 ** lo, 10.0 ** hi)  # less than a factor of ~3 in view: plain ticks
+_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]  # loss blue, then red, green, ...
 
 
 def _curve_names(records: list[dict]) -> list[str]:
@@ -226,11 +196,17 @@ def _curve_names(records: list[dict]) -> list[str]:
 
 def plot_loss_curves(metrics_jsonl_path: str | os.PathLike, out_png: str | os.PathLike,
                      title: str | None = None) -> None:
-    """Plot ``loss`` and the other loss-like metrics (e.g. ``target_mse``, ``context_mse``) over steps.
+    """Plot ``loss`` and the other loss-like metrics (e.g. ``target_mse``, ``context_mse``) over steps
+    with matplotlib (a 1000 x 620 px PNG, written atomically).
 
     The y axis is logarithmic when every value is positive, linear otherwise. Non-finite values
     (a diverged step) are left out of the curves. Raises ValueError if there is nothing to plot.
     """
+    # Imported here: matplotlib takes a second to import and only the end of a run draws a plot.
+    # Figure + the Agg canvas, not pyplot: no global figure state, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     path = Path(metrics_jsonl_path)
     records = read_metrics(path)
     series: dict[str, list[tuple[float, float]]] = {}
@@ -240,74 +216,22 @@ def plot_loss_curves(metrics_jsonl_path: str | os.PathLike, out_png: str | os.Pa
             series[name] = points
     if not series:
         raise ValueError(f"{path}: no finite loss values to plot")
+    log_y = min(v for points in series.values() for _, v in points) > 0
 
-    all_steps = [s for pts in series.values() for s, _ in pts]
-    all_values = [v for pts in series.values() for _, v in pts]
-    log_y = min(all_values) > 0
-    to_y = math.log10 if log_y else float  # the axis works in these units
-    x_lo, x_hi = min(all_steps), max(all_steps)
-    if x_hi == x_lo:
-        x_lo, x_hi = x_lo - 1, x_hi + 1
-    y_lo, y_hi = to_y(min(all_values)), to_y(max(all_values))
-    pad = 0.05 * (y_hi - y_lo) or (0.5 if log_y else max(abs(y_lo) * 0.1, 1.0))
-    y_lo, y_hi = y_lo - pad, y_hi + pad
-
-    width, height = _PLOT_SIZE
-    left, right, top, bottom = _MARGIN_LEFT, width - _MARGIN_RIGHT, _MARGIN_TOP, height - _MARGIN_BOTTOM
-
-    def x_px(step: float) -> float:
-        return left + (step - x_lo) / (x_hi - x_lo) * (right - left)
-
-    def y_px(value: float) -> float:
-        return bottom - (to_y(value) - y_lo) / (y_hi - y_lo) * (bottom - top)
-
-    image = Image.new("RGB", _PLOT_SIZE, "white")
-    draw = ImageDraw.Draw(image)
-    font, title_font = _font(14), _font(18)
-    grid, axis, text = (225, 225, 225), (60, 60, 60), (20, 20, 20)
-
-    # grid lines and tick labels
-    for step in _nice_ticks(x_lo, x_hi, min_step=1.0):
-        x = x_px(step)
-        draw.line([(x, top), (x, bottom)], fill=grid)
-        draw.text((x, bottom + 6), f"{int(round(step)):,}", fill=text, font=font, anchor="mt")
-    y_ticks = _log_ticks(y_lo, y_hi) if log_y else _nice_ticks(y_lo, y_hi)
-    for value in y_ticks:
-        y = y_px(value)
-        draw.line([(left, y), (right, y)], fill=grid)
-        draw.text((left - 6, y), f"{value:.3g}", fill=text, font=font, anchor="rm")
-    draw.rectangle([left, top, right, bottom], outline=axis)
-
-    # curves: the plot range covers every point, so nothing needs clipping
-    colours = dict(zip(series, itertools.cycle(_COLOURS)))
-    for name, points in series.items():
-        xy = [(x_px(s), y_px(v)) for s, v in points]
-        if len(xy) == 1:
-            x, y = xy[0]
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colours[name])
-        else:
-            draw.line(xy, fill=colours[name], width=2, joint="curve")
-
-    # legend, top right inside the plot, with each curve's last value
-    entries = [(colours[name], f"{name}  (last {points[-1][1]:.4g})") for name, points in series.items()]
-    line_h = 20
-    legend_w = max(draw.textlength(label, font=font) for _, label in entries) + 46
-    x0, y0 = right - legend_w - 10, top + 10
-    draw.rectangle([x0, y0, right - 10, y0 + line_h * len(entries) + 8], fill="white", outline=(170, 170, 170))
-    for i, (colour, label) in enumerate(entries):
-        y = y0 + 4 + line_h * i + line_h / 2
-        draw.line([(x0 + 8, y), (x0 + 32, y)], fill=colour, width=3)
-        draw.text((x0 + 38, y), label, fill=text, font=font, anchor="lm")
-
-    # title and axis labels; the y label is drawn horizontally and rotated into place
-    title = title or f"Training losses: {path.parent.name or path.name}"
-    draw.text(((left + right) / 2, top / 2), title, fill=text, font=title_font, anchor="mm")
-    draw.text(((left + right) / 2, height - 22), "step", fill=text, font=font, anchor="mm")
-    y_label = "loss (log scale)" if log_y else "loss"
-    label_w = int(draw.textlength(y_label, font=font)) + 4
-    label = Image.new("RGB", (label_w, 20), "white")
-    ImageDraw.Draw(label).text((label_w / 2, 10), y_label, fill=text, font=font, anchor="mm")
-    label = label.rotate(90, expand=True)
-    image.paste(label, (14, int((top + bottom) / 2 - label.height / 2)))
-
-    save_image_atomic(image, out_png)
+    figure = Figure(figsize=(10, 6.2), dpi=100)
+    canvas = FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for (name, points), colour in zip(series.items(), itertools.cycle(_COLOURS)):
+        steps, values = zip(*points)
+        axes.plot(steps, values, color=colour, linewidth=2, marker="o" if len(points) == 1 else None,
+                  label=f"{name}  (last {values[-1]:.4g})")
+    if log_y:
+        axes.set_yscale("log")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss (log scale)" if log_y else "loss")
+    axes.set_title(title or f"Training losses: {path.parent.name or path.name}")
+    axes.grid(True, which="major", color="#e1e1e1")
+    axes.legend(loc="upper right")
+    figure.tight_layout()
+    canvas.draw()
+    save_image_atomic(Image.fromarray(np.asarray(canvas.buffer_rgba())).convert("RGB"), out_png)

@@ -3,41 +3,25 @@
 All images come in as float tensors in [0, 1], channels first (the layout the model uses); they
 may live on any device and may require grad. Values outside [0, 1] (a prediction can overshoot)
 are clipped and NaNs drawn black, so a diverging model still produces a preview to look at.
+The GIF writer and the atomic save live in :mod:`model_zoo.image_files`, the orbit cameras in
+:mod:`data_pipeline.cameras` (one of each, shared with :mod:`model_zoo.assets`).
 """
 
 from __future__ import annotations
 
-import math
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data_pipeline.cameras import intrinsics_from_fov, look_at_c2w
+from data_pipeline import cameras
+from model_zoo.image_files import save_image_atomic, save_turntable_gif, to_uint8
 
 # Separator between tiles: mid grey stands out against both white backgrounds and dark objects.
 SEPARATOR_PX = 2
 SEPARATOR_RGB = (128, 128, 128)
-
-
-def save_image_atomic(image: Image.Image, path: str | os.PathLike, **save_kwargs) -> None:
-    """Save through a temporary file and rename, so a viewer never opens a half-written image."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fmt = save_kwargs.pop("format", None) or Image.registered_extensions()[path.suffix.lower()]
-    image.save(tmp, format=fmt, **save_kwargs)
-    os.replace(tmp, path)
-
-
-def _to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(..., 3, H, W) float in [0, 1] -> (..., H, W, 3) uint8."""
-    x = images.detach().float().cpu().nan_to_num(0.0).clamp(0.0, 1.0)
-    x = (x * 255.0).round().to(torch.uint8)
-    return x.movedim(-3, -1).numpy()
 
 
 def _resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -70,7 +54,7 @@ def save_preview_grid(path_png: str | os.PathLike, context: torch.Tensor, target
     size = (height, width)
     ctx = _resize(context.reshape(batch * k, *context.shape[2:]), size).reshape(batch, k, 3, height, width)
     # columns: context views..., target, prediction  ->  tiles (B, k + 2, H, W, 3)
-    tiles = _to_uint8(torch.cat([ctx, _resize(target, size)[:, None], _resize(prediction, size)[:, None]], dim=1))
+    tiles = to_uint8(torch.cat([ctx, _resize(target, size)[:, None], _resize(prediction, size)[:, None]], dim=1))
 
     cols, sep = k + 2, SEPARATOR_PX
     grid = np.empty((batch * height + (batch - 1) * sep, cols * width + (cols - 1) * sep, 3), dtype=np.uint8)
@@ -82,44 +66,13 @@ def save_preview_grid(path_png: str | os.PathLike, context: torch.Tensor, target
     save_image_atomic(Image.fromarray(grid), path_png)
 
 
-def save_turntable_gif(path_gif: str | os.PathLike, frames: torch.Tensor, fps: float = 12) -> None:
-    """Write frames (N, 3, H, W) in [0, 1] as an animated GIF that loops forever.
-
-    GIF stores frame delays in 1/100 s, so the real rate is the nearest that fits (12 fps plays
-    at 12.5). Pillow merges a frame identical to the one before it into a longer delay, which
-    looks the same but leaves fewer frames in the file.
-    """
-    if frames.ndim != 4 or frames.shape[1] != 3 or frames.shape[0] == 0:
-        raise ValueError(f"frames must be (N, 3, H, W) with N > 0, got {tuple(frames.shape)}")
-    if fps <= 0:
-        raise ValueError(f"fps must be positive, got {fps}")
-    # GIF holds 256 colours per frame: an adaptive palette per frame keeps renders smooth.
-    images = [Image.fromarray(f).quantize(colors=256, method=Image.Quantize.MEDIANCUT) for f in _to_uint8(frames)]
-    save_image_atomic(images[0], path_gif, format="GIF", save_all=True, append_images=images[1:],
-                      duration=round(1000.0 / fps), loop=0)
-
-
 def turntable_cameras(num_frames: int, radius: float, elevation_deg: float, fov_deg: float,
                       resolution: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cameras on a circle around the world z axis (+z is up), all looking at the origin.
+    """:func:`data_pipeline.cameras.turntable_cameras` as float32 tensors: K (N, 3, 3), c2w (N, 4, 4)."""
+    K, c2w = cameras.turntable_cameras(num_frames, radius, elevation_deg, fov_deg, resolution)
+    return torch.from_numpy(K), torch.from_numpy(c2w)
 
-    Frame i sits at azimuth 360 * i / num_frames degrees (counter-clockwise seen from +z,
-    starting on +x), so the last frame leads back into the first and the GIF loops without a
-    repeated frame. ``elevation_deg`` lifts the circle above the xy plane, ``fov_deg`` is the
-    horizontal field of view, ``resolution`` is an int (square) or (height, width).
-    Returns K (N, 3, 3) and c2w (N, 4, 4), float32, OpenCV convention (see data_pipeline.cameras).
-    """
-    if num_frames <= 0 or radius <= 0:
-        raise ValueError(f"num_frames and radius must be positive, got {num_frames} and {radius}")
-    height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
-    K = intrinsics_from_fov(width, height, math.radians(fov_deg))
-    elevation = math.radians(elevation_deg)
-    c2ws = []
-    for i in range(num_frames):
-        azimuth = 2.0 * math.pi * i / num_frames
-        eye = radius * np.array([math.cos(elevation) * math.cos(azimuth),
-                                 math.cos(elevation) * math.sin(azimuth),
-                                 math.sin(elevation)])
-        c2ws.append(look_at_c2w(eye, np.zeros(3)))
-    K_all = torch.from_numpy(np.repeat(K[None], num_frames, axis=0)).float()
-    return K_all, torch.from_numpy(np.stack(c2ws)).float()
+
+# save_image_atomic and save_turntable_gif are re-exported: the trainer writes previews through this module.
+__all__ = ["SEPARATOR_PX", "SEPARATOR_RGB", "save_preview_grid", "save_turntable_gif", "save_image_atomic",
+           "turntable_cameras"]

@@ -96,7 +96,8 @@ def train(config: RunConfig, hooks: TrainHooks | None = None) -> str:
 
     engine, model = build_engine(config, env.device)
     ema = EMA(model, config.optim.ema_decay) if config.optim.ema_decay > 0 else None
-    reader = StreamingReader(config.data.reader_config(config.train.seed), env.rank, env.world_size)
+    reader = StreamingReader(replace(config.data.reader_config(config.train.seed), box_half_size=config.model.box_half_size),
+                             env.rank, env.world_size)
     generator = torch.Generator(device=env.device).manual_seed(config.train.seed * 1000 + env.rank)
     checkpoints = Checkpointer(config.checkpoint.dir or os.path.join(run_dir, "checkpoints"), env,
                                0 if hooks.manages_checkpoint_retention else config.checkpoint.keep_last,
