@@ -44,7 +44,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data_pipeline import storage
+from data_pipeline import image_io, storage
 from data_pipeline.cli_types import background_colour, byte_size, positive_float, positive_int
 from data_pipeline.cameras import CameraError, blender_to_opencv_c2w, check_camera, intrinsics_from_fov, scale_intrinsics
 from data_pipeline.schema import IMAGE_FORMATS, ObjectSample, SampleError, encode_image, encode_mask, object_key
@@ -269,22 +269,19 @@ def load_rgb(path: str, background: tuple[float, float, float]) -> np.ndarray:
 
 
 def load_rgb_alpha(path: str, background: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray | None]:
-    """(RGB composited on ``background``, the alpha channel as (H, W) uint8 or None without one)."""
+    """(RGB composited on ``background``, the alpha channel as (H, W) uint8 or None without one).
+
+    Any Pillow mode (16-bit, palette, CMYK, LA, ...): see data_pipeline/image_io.py."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
-            image = image.convert("RGBA" if has_alpha else "RGB")
-    except Exception as error:  # PIL raises many types for broken files
-        raise IngestError(f"{path}: cannot read image ({type(error).__name__}: {error})") from None
-    if not has_alpha:
-        return np.asarray(image, dtype=np.uint8).copy(), None
-    alpha8 = np.asarray(image, dtype=np.uint8)[..., 3].copy()
-    rgba = np.asarray(image, dtype=np.float64) / 255.0
-    alpha = rgba[..., 3:4]
+        image = image_io.open_image(path)
+    except image_io.ImageFileError as error:
+        raise IngestError(f"cannot read image: {error}") from None
     # Straight (non-premultiplied) alpha, composited in the stored sRGB values, as NeRF code does.
-    rgb = rgba[..., :3] * alpha + np.asarray(background, dtype=np.float64) * (1.0 - alpha)
-    return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8), alpha8
+    rgb = image_io.to_rgb_uint8(image, background)
+    if not image_io.has_alpha(image):
+        return rgb, None
+    alpha8 = np.clip(np.rint(image_io.to_rgba(image, np.float64)[..., 3] * 255.0), 0, 255).astype(np.uint8)
+    return rgb, alpha8
 
 
 def output_size(width: int, height: int, resolution: int | None) -> tuple[int, int]:

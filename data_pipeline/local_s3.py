@@ -79,13 +79,48 @@ def find_weed() -> str:
     )
 
 
+_TCP_STATES = {"01": "ESTABLISHED", "06": "TIME_WAIT", "08": "CLOSE_WAIT", "0A": "LISTEN"}
+
+
+def port_states(port: int) -> set[str]:
+    """TCP states of the sockets bound to ``port`` on this host (from /proc/net/tcp{,6})."""
+    states: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 3 and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                states.add(_TCP_STATES.get(fields[3], fields[3]))
+    return states
+
+
 def _port_free(port: int) -> bool:
+    """Whether a server can listen on ``port``: bound with SO_REUSEADDR, as weed (Go) binds, so a
+    port whose only sockets are closed connections in TIME_WAIT counts as free (it is, for weed)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
             return False
     return True
+
+
+def describe_port(port: int) -> str:
+    """Why ``port`` cannot be used, in words: a listener, or connections still in TIME_WAIT."""
+    states = port_states(port)
+    if "LISTEN" in states:
+        return f"port {port} on 127.0.0.1 is in use: another process is listening on it"
+    if states and states <= {"TIME_WAIT"}:
+        return (f"port {port} on 127.0.0.1 is still in TIME_WAIT (connections of a server stopped moments ago; "
+                f"the kernel frees it within 60 s)")
+    if states:
+        return f"port {port} on 127.0.0.1 is held by sockets in state {', '.join(sorted(states))}"
+    return f"port {port} on 127.0.0.1 cannot be bound"
 
 
 def _pick_ports(s3_port: int | None = None) -> dict[str, tuple[int, int]]:
@@ -98,7 +133,7 @@ def _pick_ports(s3_port: int | None = None) -> dict[str, tuple[int, int]]:
     ports: dict[str, tuple[int, int]] = {}
     if s3_port is not None:
         if not _port_free(s3_port):
-            raise LocalS3Error(f"port {s3_port} on 127.0.0.1 is already in use; pick another --port")
+            raise LocalS3Error(f"{describe_port(s3_port)}; pick another --port")
         grpc = s3_port + _GRPC_OFFSET
         if grpc > 65535 or not _port_free(grpc):
             grpc = _any_free_port(taken | {s3_port})
@@ -276,9 +311,11 @@ class LocalS3Server:
         self.dir.mkdir(parents=True, exist_ok=True)
         identities = self._write_identities()
         t0 = time.monotonic()
-        attempts = 1 if self.requested_port is not None else 3
+        # A restart of this server keeps its endpoint, so that clients (and their retries) reach it again.
+        port = self.requested_port if self.requested_port is not None else self.port
+        attempts = 1 if port is not None else 3
         for attempt in range(attempts):
-            self.ports = _pick_ports(self.requested_port)
+            self.ports = _pick_ports(port)
             self.port = self.ports["s3"][0]
             self._socket_dir = tempfile.mkdtemp(prefix="ls3-")  # short: unix socket paths max ~107 chars
             with open(self.log_path, "wb") as log:
@@ -295,10 +332,12 @@ class LocalS3Server:
                 self._kill()
                 # a port grabbed by someone else between picking and binding: try other ports
                 log = _tail(self.log_path).lower()
-                if isinstance(exc, LocalS3Error) and exited_early and attempt + 1 < attempts and any(
-                    w in log for w in ("port allocation failed", "address already in use", "not available")
-                ):
+                port_trouble = any(w in log for w in ("port allocation failed", "address already in use", "not available"))
+                if isinstance(exc, LocalS3Error) and exited_early and attempt + 1 < attempts and port_trouble:
                     continue
+                if isinstance(exc, LocalS3Error) and exited_early and port_trouble:
+                    busy = [describe_port(p) for pair in self.ports.values() for p in pair if port_states(p)]
+                    raise LocalS3Error(f"weed mini could not bind its ports: {'; '.join(busy) or exc}") from None
                 raise
             self.startup_seconds = time.monotonic() - t0
             return self
@@ -409,6 +448,10 @@ class LocalS3Server:
             client.create_bucket(Bucket=name)
         except client.exceptions.BucketAlreadyOwnedByYou:
             pass
+        except client.exceptions.BucketAlreadyExists:
+            # SeaweedFS says this (not ...OwnedByYou) for a bucket kept in the data directory of an
+            # earlier run of this server: fine if it is ours, i.e. our keys can reach it.
+            client.head_bucket(Bucket=name)
         return f"s3://{name}"
 
     def __enter__(self) -> "LocalS3Server":

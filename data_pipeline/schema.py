@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from data_pipeline import image_io
 from data_pipeline.cameras import CameraError, check_cameras as check_camera_stack
 
 SCHEMA_VERSION = 1
@@ -248,12 +249,10 @@ def decode_mask(data: bytes, width: int | None = None, height: int | None = None
 
 def decode_image(data: bytes, width: int | None = None, height: int | None = None, where: str = "image") -> np.ndarray:
     """Decode to (H, W, 3) uint8, checking the declared size; raises :class:`SampleError`."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            rgb = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
-    except Exception as error:  # PIL raises many types for broken files
-        raise SampleError(f"{where}: cannot decode ({type(error).__name__}: {error})") from None
+    try:  # any Pillow mode, 16-bit grayscale scaled rather than clipped (see image_io); alpha dropped
+        rgb = image_io.to_rgb_uint8(image_io.open_image(data), background=None)
+    except image_io.ImageFileError as error:
+        raise SampleError(f"{where}: cannot decode ({error})") from None
     if width is not None and height is not None and rgb.shape[:2] != (height, width):
         raise SampleError(f"{where}: decoded size {rgb.shape[1]}x{rgb.shape[0]} differs from declared {width}x{height}")
     return rgb

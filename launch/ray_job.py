@@ -43,6 +43,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from data_pipeline import storage  # noqa: E402
+from launch.paths import absolute, describe, resolved_overrides  # noqa: E402
 from trainer.config import RunConfig, load_config, to_dict  # noqa: E402
 from trainer.trainer import TrainHooks  # noqa: E402
 
@@ -85,7 +86,10 @@ def job_config(args: argparse.Namespace) -> RunConfig:
         overrides.append(f"checkpoint.dir={storage.join(base, CHECKPOINT_SUBDIR)}")
     if storage.is_local(base) and not any(o.startswith("run_dir=") for o in overrides):
         overrides.append(f"run_dir={os.path.join(base, RUN_SUBDIR)}")
-    return load_config(args.config, overrides)
+    config_file = absolute(args.config) if args.config else None
+    config = load_config(config_file, overrides)
+    # Workers run in Ray's copy of the working directory: relative paths mean the driver's directory.
+    return load_config(config_file, overrides + resolved_overrides(config))
 
 
 # -- inside each Ray worker ------------------------------------------------------------------------
@@ -171,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                                 failure_config=FailureConfig(max_failures=args.max_failures),
                                 checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep_last)),
     )
-    print(f"ray_job: {args.num_workers} workers, checkpoint.dir={config.checkpoint.dir}, run_dir={config.run_dir}",
-          file=sys.stderr, flush=True)
+    print(f"ray_job: {args.num_workers} workers\n{describe(config)}", file=sys.stderr, flush=True)
     result = trainer.fit()
     if result.error is not None:
         raise result.error

@@ -304,17 +304,24 @@ def main(argv: list | None = None) -> int:
         parser.error("--local runs on this machine: use --nodes 1 and --tasks-per-node N")
     from trainer.config import load_config
 
+    from launch.paths import absolute, describe, resolved_overrides
+
+    config_file = absolute(args.config) if args.config else None
     overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
-    config = load_config(args.config, overrides)  # fails here, once, on a bad config
-    run_dir = os.path.abspath(config.run_dir)
+    config = load_config(config_file, overrides)  # fails here, once, on a bad config
+    overrides += resolved_overrides(config)  # relative paths: against this directory, on every node
+    config = load_config(config_file, overrides)
+    run_dir = config.run_dir
+    trainer_argv = (["--config", config_file] if config_file else []) + overrides
+    print(describe(config), file=sys.stderr)
     if args.dry_run:
         print(dry_run_script(args, run_dir))
+        print(f"# trainer arguments: {shlex.join(trainer_argv)}")
         return 0
 
     from launch.local import ensure_embedded_data
 
     ensure_embedded_data(config.data.train_urls)
-    trainer_argv = (["--config", os.path.abspath(args.config)] if args.config else []) + overrides
     job_fn = TrainJob(trainer_argv, cpus_per_task=args.cpus_per_task or 1, max_requeues=args.max_requeues,
                       cwd=os.getcwd(), local=args.local)
     executor = make_executor(args, run_dir)

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data_pipeline import storage
+from data_pipeline.cli_types import nonnegative_int, positive_int
 from data_pipeline.epoch_plan import EpochPlan
 from data_pipeline.reader import DatasetIndex, ReaderConfig, StreamingReader
 from data_pipeline.schema import object_key, parse_sample
@@ -238,22 +239,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="model directory (read with model_zoo.loading.load)")
     parser.add_argument("--data", required=True, help="held-out shards: a URL pattern (braces/globs, any fsspec URL)")
     parser.add_argument("--task", choices=("reconstruction", "generation", "both"), default="both")
-    parser.add_argument("--context-views", type=int, default=3, help="context views for reconstruction")
-    parser.add_argument("--generation-context-views", type=int, default=0,
+    parser.add_argument("--context-views", type=nonnegative_int, default=3, help="context views for reconstruction")
+    parser.add_argument("--generation-context-views", type=nonnegative_int, default=0,
                         help="context views a generated sample is conditioned on (0: unconditional)")
-    parser.add_argument("--max-objects", type=int, default=None, help="the first N objects (file order)")
+    parser.add_argument("--max-objects", type=positive_int, default=None, help="the first N objects (file order)")
     parser.add_argument("--lpips-weights", default=None, help="LPIPS weights file; without it LPIPS is 'unavailable'")
     features = parser.add_mutually_exclusive_group()
     features.add_argument("--inception-weights", default=None, help="Inception-v3 weights file for FID/KID")
     features.add_argument("--features", choices=("random",), default=None,
                           help="the built-in random-conv extractor (numbers not comparable with published FID)")
-    parser.add_argument("--views-per-object", type=int, default=10)
-    parser.add_argument("--resolution", type=int, default=128, help="width the views are read, rendered and scored at")
-    parser.add_argument("--steps", type=int, default=10, help="DDIM steps per sample")
+    parser.add_argument("--views-per-object", type=positive_int, default=10)
+    parser.add_argument("--resolution", type=positive_int, default=128, help="width the views are read, rendered and scored at")
+    parser.add_argument("--steps", type=positive_int, default=10, help="DDIM steps per sample")
     parser.add_argument("--guidance-scale", type=float, default=1.0)
-    parser.add_argument("--sample-resolution", type=int, default=None, help="sampler image width (default: encode_resolution)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--workers", type=int, default=0, help="reader worker processes per rank")
+    parser.add_argument("--sample-resolution", type=positive_int, default=None, help="sampler image width (default: encode_resolution)")
+    parser.add_argument("--batch-size", type=positive_int, default=4)
+    parser.add_argument("--workers", type=nonnegative_int, default=0, help="reader worker processes per rank")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda (this rank's LOCAL_RANK) if available, else cpu")
     parser.add_argument("--out", default=None, help="also write the results JSON here")
@@ -282,9 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     rank = dist.get_rank() if dist.is_initialized() else 0
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     try:
-        from model_zoo.loading import load  # imported here: the CLI is the only user
+        from model_zoo.loading import ExportFormatError, load  # imported here: the CLI is the only user
 
-        model = load(args.model, device)
+        try:
+            model = load(args.model, device)
+        except ExportFormatError as error:
+            print(f"error: --model: {error}", file=sys.stderr)
+            return 2
         common = dict(max_objects=args.max_objects, resolution=args.resolution, seed=args.seed,
                       num_workers=args.workers, progress=rank == 0)
         results = {"model": args.model, "data": args.data, "world_size": world}

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from data_pipeline import image_io
 from data_pipeline.cameras import intrinsics_from_fov, look_at_c2w
 from model_zoo.assets import DEFAULT_FOV_DEG, DEFAULT_RADIUS_FACTOR, extract_mesh, turntable
 
@@ -45,10 +46,9 @@ def load_image(path: str | os.PathLike, resolution: int, background: str = "auto
     ``background``: "auto" (transparency -> white; else the corners' colour if they agree, else
     white), "white", "black", or "R,G,B" in [0, 1].
     """
-    with Image.open(path) as image:
-        image.load()
-        has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
-        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
+    image = image_io.open_image(path)  # any Pillow mode (16-bit, palette, CMYK, LA, ...); ImageFileError if unreadable
+    has_alpha = image_io.has_alpha(image)
+    rgba = image_io.to_rgba(image)
     rgb, alpha = rgba[..., :3], rgba[..., 3:]
     if background == "auto":
         if has_alpha and alpha.min() < 1.0:
@@ -214,9 +214,16 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from model_zoo.loading import load  # written alongside; imported here so --help works without it
 
+    from model_zoo.loading import ExportFormatError
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    began = time.perf_counter()
-    model = load(args.model, device)
+    try:
+        image_io.open_image(args.image)  # a bad image is refused before the model is loaded
+        began = time.perf_counter()
+        model = load(args.model, device)
+    except (image_io.ImageFileError, ExportFormatError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     load_s = time.perf_counter() - began
     print(f"{'load':<12s}{load_s:8.2f} s")
     result = image_to_3d(model, args.image, args.out, steps=args.steps, guidance=args.guidance, fov_deg=args.fov_deg,

@@ -81,7 +81,9 @@ def _load_local(directory: str, device, dtype, weights: str = "default", shown_a
     from safetensors.torch import load_file
 
     shown_as = shown_as or directory
-    listing = set(os.listdir(directory)) if os.path.isdir(directory) else set()
+    if not os.path.isdir(directory):
+        raise ExportFormatError(f"model directory {shown_as} does not exist")
+    listing = set(os.listdir(directory))
     weights_name = weights_file(listing, weights)
     for name in (MODEL_CONFIG, weights_name):
         if name not in listing:
@@ -94,9 +96,22 @@ def _load_local(directory: str, device, dtype, weights: str = "default", shown_a
             else:
                 hint = ""
             raise ExportFormatError(f"{shown_as} has no {name}: it is not a model export or checkpoint.{hint}")
-    with open(os.path.join(directory, MODEL_CONFIG)) as f:
-        config = model_config_from_dict(json.load(f))
-    state = load_file(os.path.join(directory, weights_name), device="cpu")
+    try:  # a truncated or foreign file: one line naming it, not a JSON/safetensors traceback
+        with open(os.path.join(directory, MODEL_CONFIG)) as f:
+            raw_config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ExportFormatError(f"{shown_as}/{MODEL_CONFIG} is not valid JSON (truncated?): {error}") from None
+    try:
+        config = model_config_from_dict(raw_config) if isinstance(raw_config, dict) else None
+    except (TypeError, ValueError) as error:
+        raise ExportFormatError(f"{shown_as}/{MODEL_CONFIG}: {error}") from None
+    if config is None:
+        raise ExportFormatError(f"{shown_as}/{MODEL_CONFIG} does not hold a JSON object")
+    try:
+        state = load_file(os.path.join(directory, weights_name), device="cpu")
+    except Exception as error:  # safetensors raises its own SafetensorError (and OSError for short files)
+        raise ExportFormatError(f"{shown_as}/{weights_name} cannot be read (truncated or not safetensors): "
+                                f"{type(error).__name__}: {error}") from None
     model = GOEmbedFusion(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))

@@ -21,6 +21,7 @@ uploaded by each node's local rank 0.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -127,19 +128,22 @@ class Checkpointer:
         if self.env.is_main and os.path.isdir(local_dir):  # leftovers of a crashed save of this step
             shutil.rmtree(local_dir)
         barrier()
-        os.makedirs(local_dir, exist_ok=True)
-        engine.save_checkpoint(parent, tag=tag, save_latest=False)
-        torch.save(state.__dict__, os.path.join(local_dir, rank_file(self.env.rank)))
-        if model is not None:
-            from trainer.portable import gather_weights, write_portable
+        try:
+            os.makedirs(local_dir, exist_ok=True)
+            engine.save_checkpoint(parent, tag=tag, save_latest=False)
+            torch.save(state.__dict__, os.path.join(local_dir, rank_file(self.env.rank)))
+            if model is not None:
+                from trainer.portable import gather_weights, write_portable
 
-            # collective under ZeRO-3; only rank 0 keeps the whole copy
-            trained, averaged = gather_weights(engine, ema, self.env.device, keep=self.env.is_main)
+                # collective under ZeRO-3; only rank 0 keeps the whole copy
+                trained, averaged = gather_weights(engine, ema, self.env.device, keep=self.env.is_main)
+                if self.env.is_main:
+                    write_portable(local_dir, model.config, trained, averaged, state.step)
             if self.env.is_main:
-                write_portable(local_dir, model.config, trained, averaged, state.step)
-        if self.env.is_main:
-            with open(os.path.join(local_dir, "config.yaml"), "w") as f:
-                f.write(config_yaml)
+                with open(os.path.join(local_dir, "config.yaml"), "w") as f:
+                    f.write(config_yaml)
+        except Exception as error:
+            raise self._disk_full(local_dir, error) or error
         barrier()  # every rank's files are on (node-local) disk
         if self.env.is_main:
             self._write_manifest(local_dir, state.step)
@@ -150,8 +154,38 @@ class Checkpointer:
         if self.env.is_main:
             self._write_latest(tag)
             self._prune(tag)
+        self._prune_staging(tag)
         barrier()
         return tag
+
+    def _disk_full(self, local_dir: str, error: BaseException) -> OSError | None:
+        """An ``ENOSPC`` OSError that says so, if ``error`` came from a full disk (torch.save reports one as
+        "unexpected pos ..."), else None. ``latest`` still names the previous checkpoint."""
+        chain, seen = error, False
+        while chain is not None and not seen:
+            seen = isinstance(chain, OSError) and chain.errno == errno.ENOSPC
+            chain = chain.__cause__ or chain.__context__
+        try:
+            stat = os.statvfs(local_dir)
+            free = stat.f_bavail * stat.f_frsize
+        except OSError:
+            free = None
+        if not seen and (free is None or free > 16 << 20):
+            return None
+        previous = self.latest_tag()
+        kept = f"the previous checkpoint {previous} is intact and stays '{LATEST}'" if previous else "no earlier checkpoint"
+        free_text = f"{free / 2**20:.1f} MiB free" if free is not None else "free space unknown"
+        return OSError(errno.ENOSPC, f"No space left on device while writing checkpoint {local_dir} ({free_text}); "
+                       f"{kept}", local_dir)
+
+    def _prune_staging(self, newest: str) -> None:
+        """Local staging copies of an object-store checkpoint: keep the newest ``keep_last`` (at least the newest)."""
+        if self.local or self.env.local_rank != 0:
+            return
+        root = os.path.dirname(self.local_dir(newest))
+        staged = sorted(t for t in os.listdir(root) if t.startswith("step_") and t <= newest)
+        for tag in staged[:-max(self.keep_last, 1)]:
+            shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
 
     def _write_manifest(self, local_dir: str, step: int) -> None:
         files = {}

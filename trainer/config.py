@@ -61,6 +61,7 @@ class DataConfig:
     num_workers: int = 2  # DataLoader workers per rank
     shuffle_block_objects: int = 64
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options (endpoint_url, key, secret, ...)
+    storage_retry_seconds: float = 300.0  # an object-storage outage longer than this ends the run
 
     def reader_config(self, seed: int, holdout: bool = False) -> ReaderConfig:
         """The streaming reader's settings: training shards (shuffled), or the held-out ones in order."""
@@ -292,6 +293,7 @@ def validate(config: RunConfig) -> None:
     check(d.target_views >= 1, f"data.target_views must be >= 1, got {d.target_views}")
     check(d.resolution is None or d.resolution >= 1, f"data.resolution must be null or >= 1, got {d.resolution}")
     check(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+    check(d.storage_retry_seconds > 0, f"data.storage_retry_seconds must be > 0, got {d.storage_retry_seconds}")
     check(d.shuffle_block_objects >= 1, f"data.shuffle_block_objects must be >= 1, got {d.shuffle_block_objects}")
 
     problems.extend(_model_problems(config.model))

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 import torch
 import yaml
 
-from data_pipeline import storage
+from data_pipeline import preflight, storage
 from data_pipeline.reader import StreamingReader, ViewBatch
 from model_zoo.goembedfusion import Views
 from trainer.checkpoint import Checkpointer, TrainerState, capture_rng, restore_rng
@@ -36,6 +36,7 @@ from trainer.ema import EMA
 from trainer.engine import build_engine
 from trainer.logging_utils import MetricsLogger, ProgressBar, plot_loss_curves
 from trainer.previews import save_preview_grid, save_turntable_gif, turntable_cameras
+from trainer.run_lock import RunLock, RunLockedError
 
 log = logging.getLogger("trainer")
 
@@ -76,6 +77,25 @@ class StepResult:
     data_seconds: float = 0.0
 
 
+def check_before_start(config: RunConfig) -> None:
+    """Refuse missing data, buckets, credentials and too few views before anything expensive starts."""
+    storage.set_retry_seconds(config.data.storage_retry_seconds)  # inherited by loader workers
+    preflight.check_run(config)
+
+
+def lock_run_dir(run_dir: str, env: DistEnv) -> RunLock | None:
+    """Rank 0 takes the run directory's lock; every rank stops if it could not."""
+    lock, refused = None, None
+    if env.is_main and storage.is_local(run_dir):
+        try:
+            lock = RunLock(storage.local_path(run_dir)).acquire()
+        except RunLockedError as error:
+            refused = error
+    if not all_true(refused is None, env.device):
+        raise refused or RunLockedError(f"run directory {run_dir} is in use by another run (see rank 0's message)")
+    return lock
+
+
 @dataclass
 class _Window:
     """Sums over the steps since the last logged one."""
@@ -97,12 +117,12 @@ class _Window:
 class Trainer:
     def __init__(self, config: RunConfig, hooks: TrainHooks | None = None):
         check_runnable(config)  # train.device=cuda without CUDA, fp16 on CPU: refused before any group exists
+        check_before_start(config)  # missing data, buckets, credentials, too few views: before anything exists
         self.config, self.hooks = config, hooks or TrainHooks()
         self.env: DistEnv = init_distributed(config.train.device, config.distributed.backend)
         self.run_dir = config.run_dir
+        self.run_lock = lock_run_dir(self.run_dir, self.env)  # one run per run directory; held until fit() ends
         os.makedirs(self.run_dir, exist_ok=True)
-        # Checks that must pass before an engine exists (a run-directory lock, a data preflight)
-        # belong here, in this order: they are cheap and fail the run early on every rank.
         if self.env.is_main:
             save_config(config, os.path.join(self.run_dir, "config.yaml"))
 
@@ -158,6 +178,8 @@ class Trainer:
         metrics_log.close()
         if self.env.is_main:
             plot_loss_curves(os.path.join(self.run_dir, "metrics.jsonl"), os.path.join(self.run_dir, "loss.png"))
+        if self.run_lock is not None:
+            self.run_lock.release()
         return self.run_dir
 
     def _due(self, every: int) -> bool:
