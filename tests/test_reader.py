@@ -260,7 +260,10 @@ def test_truncated_shard_and_corrupt_image_are_skipped_and_counted(tmp_path, cap
         skipped = reader.skipped
         assert skipped.samples == 4
         assert skipped.by_reason == {"undecodable image": 1, "damaged shard": 3}
-        assert skipped.shards_with_errors == [middle]
+        assert skipped.by_shard == {first: {"undecodable image": 1}, middle: {"damaged shard": 3}}
+        stats = reader.skip_stats()  # the same, JSON-ready, plus what indexing found
+        assert stats["by_shard"] == skipped.by_shard and list(stats["damaged_shards"]) == [middle]
+        assert "truncated" in stats["damaged_shards"][middle]
     assert "skipped a sample" in caplog.text
 
 
