@@ -52,11 +52,20 @@ class ReaderConfig:
     seed: int = 0
     shuffle: bool = True
     shuffle_block_objects: int = 64  # samples read together and interleaved by each worker (memory: one block)
-    piece_objects: int = 8  # consecutive samples of a shard read with one ranged read (see epoch_plan.py)
+    # Consecutive samples of a shard read with one ranged read (see epoch_plan.py). None: as many
+    # as make a block hold one batch's worth of pieces (block // batch), so that every batch takes
+    # its objects from batch_size different pieces, i.e. (mostly) different shards.
+    piece_objects: int | None = None
     drop_last: bool = True  # see epoch_plan.py for what is dropped or padded
     storage_options: dict | None = None  # fsspec options (endpoint, key, ...); env vars otherwise
     warn_every_s: float = 30.0  # rate limit of warnings about skipped samples
     prefetch_batches: int = 2  # per worker
+
+    @property
+    def piece_size(self) -> int:
+        if self.piece_objects is not None:
+            return self.piece_objects
+        return max(1, self.shuffle_block_objects // self.batch_size)
 
     def __post_init__(self):
         checks = {
@@ -65,7 +74,7 @@ class ReaderConfig:
             "target_views": self.target_views >= 0 and self.context_views_max + self.target_views >= 1,
             "num_workers": self.num_workers >= 0,
             "shuffle_block_objects": self.shuffle_block_objects >= 1,
-            "piece_objects": self.piece_objects >= 1,
+            "piece_objects": self.piece_objects is None or self.piece_objects >= 1,
             "resolution": self.resolution is None or self.resolution >= 1,
         }
         for name, ok in checks.items():
@@ -514,7 +523,7 @@ class StreamingReader:
             counts=self.index.counts, seed=self.config.seed, epoch=self.epoch if epoch is None else epoch,
             num_slots=self.world_size * self.workers, batch_size=self.config.batch_size,
             shuffle=self.config.shuffle, drop_last=self.config.drop_last,
-            block_size=self.config.shuffle_block_objects, piece_size=self.config.piece_objects,
+            block_size=self.config.shuffle_block_objects, piece_size=self.config.piece_size,
             subset=self._subset if subset is None else subset,
         )
 
@@ -579,7 +588,7 @@ class StreamingReader:
             "fingerprint": self.index.fingerprint(),
             "seed": self.config.seed, "batch_size": self.config.batch_size,
             "shuffle": self.config.shuffle, "drop_last": self.config.drop_last,
-            "block_size": self.config.shuffle_block_objects, "piece_size": self.config.piece_objects,
+            "block_size": self.config.shuffle_block_objects, "piece_size": self.config.piece_size,
             "rank": self.rank, "world_size": self.world_size, "workers": self.workers,
             "epoch": self.epoch, "batches_consumed": self.batches_consumed,
             "subset": _ranges(self._subset) if self._subset is not None else None,
@@ -604,7 +613,7 @@ class StreamingReader:
         for name, mine in (("fingerprint", self.index.fingerprint()), ("seed", self.config.seed),
                            ("batch_size", self.config.batch_size), ("shuffle", self.config.shuffle),
                            ("drop_last", self.config.drop_last), ("block_size", self.config.shuffle_block_objects),
-                           ("piece_size", self.config.piece_objects)):
+                           ("piece_size", self.config.piece_size)):
             if first[name] != mine:
                 what = "the shard list or its contents changed" if name == "fingerprint" else f"{name} changed"
                 raise ValueError(f"cannot resume the reader: {what} since the state was saved "
