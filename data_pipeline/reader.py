@@ -682,3 +682,24 @@ def _ranges(values: tuple[int, ...]) -> list[list[int]]:
 
 def _unranges(ranges: list[list[int]]) -> tuple[int, ...]:
     return tuple(v for start, stop in ranges for v in range(start, stop))
+
+
+def skip_metrics(stats: dict) -> dict[str, float]:
+    """Flat float metrics (for metrics.jsonl / TensorBoard) from :func:`merge_skip_stats` output:
+    ``skipped_samples``, ``skipped/<reason>``, ``skipped_shard/<url>`` and ``damaged_shards``."""
+    out = {"skipped_samples": float(stats["samples"]), "damaged_shards": float(len(stats.get("damaged_shards", {})))}
+    out.update({f"skipped/{reason}": float(n) for reason, n in sorted(stats["by_reason"].items())})
+    out.update({f"skipped_shard/{url}": float(sum(r.values())) for url, r in sorted(stats["by_shard"].items())})
+    return out
+
+
+def skip_summary(stats: dict) -> str:
+    """One line for the end of a run: what was skipped, why, and where."""
+    if not stats["samples"] and not stats.get("damaged_shards"):
+        return "data: no samples skipped"
+    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(stats["by_reason"].items())) or "none"
+    worst = sorted(stats["by_shard"].items(), key=lambda item: -sum(item[1].values()))[:5]
+    shards = "; ".join(f"{url}: {sum(r.values())}" for url, r in worst)
+    damaged = "; ".join(f"{url}: {reason}" for url, reason in sorted(stats.get("damaged_shards", {}).items()))
+    return (f"data: skipped {stats['samples']} samples ({reasons}) in {len(stats['by_shard'])} shard(s)"
+            + (f" [{shards}]" if shards else "") + (f"; damaged shards: {damaged}" if damaged else ""))

@@ -10,6 +10,7 @@ finite, backward, step, EMA, log, preview, checkpoint.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import resource
@@ -21,7 +22,7 @@ import torch
 import yaml
 
 from data_pipeline import storage
-from data_pipeline.reader import StreamingReader
+from data_pipeline.reader import StreamingReader, merge_skip_stats, skip_metrics, skip_summary  # issue 13.3
 from model_zoo.goembedfusion import Views
 from trainer.checkpoint import Checkpointer, TrainerState, capture_rng, restore_rng
 from trainer.config import RunConfig, load_config, save_config, to_dict
@@ -137,6 +138,9 @@ def train(config: RunConfig, hooks: TrainHooks | None = None) -> str:
             )
             for rank, megabytes in enumerate(all_gather_objects(peak_memory_mb(env))):
                 record[f"peak_memory_mb_rank{rank}"] = megabytes
+            # >>> issue 13.3: skipped data (by reason, by shard), summed over ranks and loader workers
+            record.update(skip_metrics(merge_skip_stats(all_gather_objects(reader.skip_stats()))))
+            # <<< issue 13.3
             metrics_log.log(step, record)
             window = dict.fromkeys(window, 0.0)
         hooks.on_step(step, record)
@@ -154,6 +158,13 @@ def train(config: RunConfig, hooks: TrainHooks | None = None) -> str:
 
     bar.close()
     metrics_log.close()
+    # >>> issue 13.3: end-of-run summary of skipped data (a collective: every rank calls it)
+    skips = merge_skip_stats(all_gather_objects(reader.skip_stats()))
+    if env.is_main:
+        with open(os.path.join(run_dir, "skipped_data.json"), "w") as f:
+            json.dump(skips, f, indent=1)
+        print(skip_summary(skips), file=sys.stderr)
+    # <<< issue 13.3
     if env.is_main:
         plot_loss_curves(os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "loss.png"))
     return run_dir
