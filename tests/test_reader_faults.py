@@ -159,3 +159,24 @@ def test_missing_index_entirely_still_works_and_validates_nothing_lost(tmp_path)
     reader = StreamingReader(ReaderConfig(pattern, batch_size=2, target_views=1, num_workers=0, drop_last=False))
     assert set(i for b in reader for i in ids_of(b)) == set(range(10))
     assert reader.skip_stats() == {"samples": 0, "by_reason": {}, "by_shard": {}, "damaged_shards": {}}
+
+
+@pytest.mark.parametrize("kind", ["cut at a member boundary", "garbled header"])
+def test_shard_without_index_damaged_mid_way_is_reported(tmp_path, kind):
+    """Without a sidecar the shard is scanned; tarfile would end such a shard silently, the scan does not."""
+    pattern = write_toy_shards(str(tmp_path), [6, 6])
+    url = shard(tmp_path, 1)
+    offsets = read_index(url).offsets
+    os.remove(url + INDEX_SUFFIX)
+    data = bytearray(open(url, "rb").read())
+    if kind == "garbled header":
+        data[offsets[3]:offsets[3] + 64] = b"\x00\x01" * 32
+    else:
+        data = data[:offsets[4]]
+    open(url, "wb").write(bytes(data))
+    reader = StreamingReader(ReaderConfig(pattern, batch_size=2, target_views=1, num_workers=0, drop_last=False))
+    assert len(reader.index.shards[1]) < 6
+    problems = reader.skip_stats()["damaged_shards"]
+    assert list(problems) == [url]
+    assert ("no end-of-archive marker" if kind != "garbled header" else "garbled tar member header") in problems[url]
+    assert set(i for b in reader for i in ids_of(b)) >= set(range(6))
