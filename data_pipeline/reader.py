@@ -271,6 +271,7 @@ class _SlotStream(torch.utils.data.IterableDataset):
             k = int(k_rng.integers(config.context_views_min, config.context_views_max + 1))
             rng = np.random.default_rng([config.seed, plan.epoch, slot, state.batches, 0x71E])  # which views
             pending: list[_LoadedObject] = []
+            owners: list[tuple[bool, str]] = []  # (own sample?, shard URL) of each pending object
             while len(pending) < sizes[state.batches]:
                 if since_last_emit >= universe:
                     problems = {**self.index.problems, **{u: str(r) for u, r in state.skipped.by_shard.items()}}
@@ -291,8 +292,18 @@ class _SlotStream(torch.utils.data.IterableDataset):
                                                    f"batch {pending[0].image_shape}; set ReaderConfig.resolution"),
                                        "image size differs", item[0].url)
                         pending.append(loaded)
+                        owners.append((mine, item[0].url))
                         state.emitted += 1
                         since_last_emit = 0
+                        if len(pending) == sizes[state.batches]:
+                            # Cameras are checked once per batch (one vectorised check); a bad one
+                            # drops its object and the batch fills up again.
+                            for bad in reversed(_bad_cameras(pending)):
+                                error = _bad_camera_error(pending[bad])
+                                if owners[bad][0]:
+                                    self._count_skip(state, _tag(error, "bad camera", owners[bad][1]), warn)
+                                del pending[bad], owners[bad]
+                                state.emitted -= 1
                         continue
                     except SampleError as error:
                         item = error
@@ -371,10 +382,6 @@ class _SlotStream(torch.utils.data.IterableDataset):
             raise _tag(SampleError(f"sample {key!r}: malformed {META_SUFFIX} field ({type(error).__name__}: {error})"),
                        "bad sample", raw.url) from None
         object_id = str(meta.get("object_id", key))
-        try:
-            check_cameras(K, c2w, where=f"object {object_id} views {chosen.tolist()}")
-        except CameraError as error:
-            raise _tag(SampleError(str(error)), "bad camera", raw.url) from None
         rgb = []
         for view, name in zip(chosen, names):
             span = members.get(name)
@@ -395,6 +402,27 @@ class _SlotStream(torch.utils.data.IterableDataset):
         return _LoadedObject(object_id, background, chosen[:k], chosen[k:],
                              images[:k] if k else None, K[:k], c2w[:k],
                              images[k:] if len(chosen) > k else None, K[k:], c2w[k:])
+
+
+def _bad_cameras(items: list["_LoadedObject"]) -> list[int]:
+    """Indices of the objects whose chosen cameras are invalid (one vectorised check for the batch)."""
+    K = np.concatenate([np.concatenate([item.context_K, item.target_K]) for item in items])
+    c2w = np.concatenate([np.concatenate([item.context_c2w, item.target_c2w]) for item in items])
+    try:
+        check_cameras(K, c2w, where="batch")
+        return []
+    except CameraError:
+        return [i for i, item in enumerate(items) if _bad_camera_error(item) is not None]
+
+
+def _bad_camera_error(item: "_LoadedObject") -> SampleError | None:
+    views = np.concatenate([item.context_views, item.target_views])
+    try:
+        check_cameras(np.concatenate([item.context_K, item.target_K]), np.concatenate([item.context_c2w, item.target_c2w]),
+                      where=f"object {item.object_id} views {views.tolist()}")
+        return None
+    except CameraError as error:
+        return SampleError(str(error))
 
 
 def _parse_meta(key: str, raw: RawRange, members: dict[str, int]) -> dict:

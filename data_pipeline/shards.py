@@ -13,10 +13,11 @@ import dataclasses
 import io
 import json
 import os
-import struct
 import tarfile
 from dataclasses import dataclass
 from typing import Iterator
+
+import numpy as np
 
 from data_pipeline import storage
 from data_pipeline.schema import ObjectSample
@@ -137,139 +138,168 @@ class TarDamage(tarfile.ReadError):
 
 
 _ZERO_BLOCK = bytes(512)
-_CHECKSUM_LAYOUT = struct.Struct("148B8x356B")  # a header's bytes except its checksum field
-
-
-class _FileSource:
-    """Members of a tar stream read from a file object: ``take`` returns the member's bytes."""
-
-    def __init__(self, fileobj, offset: int):
-        self.fileobj, self.offset = fileobj, offset
-
-    def read(self, size: int) -> bytes:
-        data = self.fileobj.read(size)
-        self.offset += len(data)
-        return data
-
-    take = read
-
-
-class _BufferSource:
-    """Members of an in-memory slice of a tar file: ``take`` returns a packed span, not a copy.
-
-    A span is ``start << 32 | size`` (start in the buffer): a plain int, so the dict of a sample's
-    members holds no objects the garbage collector has to track while a block waits to be used.
-    """
-
-    def __init__(self, buffer: bytes, base_offset: int):
-        self.buffer, self.base, self.pos = buffer, base_offset, 0
-
-    @property
-    def offset(self) -> int:
-        return self.base + self.pos
-
-    def read(self, size: int) -> bytes:
-        data = self.buffer[self.pos:self.pos + size]
-        self.pos += len(data)
-        return data
-
-    def take(self, size: int) -> int:
-        available = min(size, len(self.buffer) - self.pos)
-        span = self.pos << 32 | available
-        self.pos += available
-        return span if available == size else -1
+_CHUNK = 1 << 22  # bytes read at a time when streaming a shard from a file object
 
 
 def span_bytes(buffer: bytes, span: int) -> bytes:
+    """The bytes of a member: a span is ``start << 32 | size``, start counted in ``buffer``.
+
+    A plain int, so a sample's dict of members holds nothing the garbage collector must track
+    while a block of samples waits to be used.
+    """
     start = span >> 32
     return buffer[start:start + (span & 0xFFFFFFFF)]
 
 
-def _members(source, until_end_marker: bool) -> Iterator[tuple[str, int, object]]:
-    """(member name, header offset, data) of each regular-file member; raises TarDamage on damage.
+def _parse_members(buffer: bytes, base: int, final: bool) -> tuple[list[tuple[str, int, int]], int, str | None, bool]:
+    """Parse the tar members of ``buffer`` (which starts at byte ``base`` of the shard).
 
-    The one tar parser of the project (scan, validate and the reader's ranged reads), cheaper than
-    ``tarfile`` for many small members and stricter: ``tarfile`` ends an archive silently at a
+    The one tar parser of the project (the reader's ranged reads; scan and validate through
+    :func:`iter_tar_groups`). Cheaper than ``tarfile`` for many small members (header checksums
+    are checked together, vectorised) and stricter: ``tarfile`` ends an archive silently at a
     garbled header or at a cut on a member boundary; here both are damage, with the byte offset.
-    Handles ustar, pax and GNU long names; ``until_end_marker`` requires the end-of-archive blocks.
+    Handles ustar, pax and GNU long names.
+
+    Returns (members as (name, header offset in the shard, span), bytes consumed, damage, ended):
+    without ``final``, parsing stops before a member that does not fit whole (more data follows);
+    ``ended`` says an end-of-archive block was met.
     """
-    long_name, long_name_offset = None, 0
+    members, headers = [], []
+    pos, size_of, damage, ended = 0, len(buffer), None, False
+    long_name, long_name_at = None, 0
     while True:
-        at = source.offset
-        header = source.read(512)
-        if not header:
-            if until_end_marker:
-                raise TarDamage(f"the shard ends at byte {at} with no end-of-archive marker (cut at a member boundary)")
-            return
-        if len(header) < 512:
-            raise TarDamage(f"truncated tar header at byte {at}")
-        if header == _ZERO_BLOCK:  # end-of-archive marker
-            if until_end_marker and source.read(512) not in (_ZERO_BLOCK, b""):
-                raise TarDamage(f"a zero block at byte {at} in the middle of the archive (garbled member header)")
-            return
+        if pos + 512 > size_of:
+            if final and pos < size_of:
+                damage = f"truncated tar header at byte {base + pos}"
+            break
+        if buffer[pos] == 0 and buffer[pos:pos + 512] == _ZERO_BLOCK:  # end-of-archive marker
+            ended = True
+            break
+        field = buffer[pos + 124:pos + 136]
         try:
-            checksum_ok = _octal(header[148:156]) == sum(_CHECKSUM_LAYOUT.unpack_from(header)) + 256
-            size = _octal(header[124:136])
+            size = int.from_bytes(field[1:], "big") if field[0] & 0x80 else int(field.strip(b" \0") or b"0", 8)
         except ValueError:
-            checksum_ok = False
-        if not checksum_ok:
-            raise TarDamage(f"garbled tar member header at byte {at} (bad checksum)")
-        kind = header[156:157]
-        data = source.take(size)
-        if (data == -1) if isinstance(data, int) else (len(data) < size):
-            raise TarDamage(f"tar member at byte {at} is truncated (the shard ends inside its {size} bytes)")
-        source.read((size + 511) // 512 * 512 - size)  # padding; a shard cut inside it lost no data
-        if kind in (b"x", b"L"):  # pax extended header / GNU long name: names the next member
-            raw = data if isinstance(data, bytes) else span_bytes(source.buffer, data)
-            long_name = _pax_path(raw) if kind == b"x" else raw.rstrip(b"\0").decode("utf-8")
-            long_name_offset = at
-            continue
-        if kind not in (b"0", b"\0", b"7"):  # directories, links, global headers: not sample data
+            damage = f"garbled tar member header at byte {base + pos} (size field {field!r})"
+            break
+        data_at = pos + 512
+        end = data_at + (size + 511) // 512 * 512
+        if data_at + size > size_of:
+            if final:
+                damage = f"tar member at byte {base + pos} is truncated (the shard ends inside its {size} bytes)"
+            break
+        headers.append(pos)
+        kind = buffer[pos + 156]
+        if kind in (0x78, 0x4C):  # "x": pax extended header / "L": GNU long name; they name the next member
+            raw = buffer[data_at:data_at + size]
+            long_name = _pax_path(raw) if kind == 0x78 else raw.rstrip(b"\0").decode("utf-8", "replace")
+            long_name_at = pos
+        elif kind in (0x30, 0, 0x37):  # regular files ("0", NUL, "7"); directories, links etc. carry no data
+            if long_name is not None:
+                name, at = long_name, long_name_at
+            else:
+                name = buffer[pos:pos + 100].split(b"\0", 1)[0].decode("utf-8", "replace")
+                if buffer[pos + 257:pos + 262] == b"ustar" and buffer[pos + 345] != 0:
+                    name = buffer[pos + 345:pos + 500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
+                at = pos
+            members.append((name, base + at, data_at << 32 | size))
             long_name = None
-            continue
-        if long_name is not None:
-            name, start = long_name, long_name_offset
         else:
-            name = header[:100].rstrip(b"\0").decode("utf-8", "replace")
-            prefix = header[345:500].rstrip(b"\0").decode("utf-8", "replace") if header[257:262] == b"ustar" else ""
-            name, start = (prefix + "/" + name if prefix else name), at
-        long_name = None
-        yield name, start, data
+            long_name = None
+        pos = min(end, size_of)
+    bad = _first_bad_checksum(buffer, headers)
+    if bad is not None:
+        at = headers[bad]
+        members = [m for m in members if m[2] >> 32 < at]
+        while members and members[-1][1] - base >= at:  # a member named by a garbled pax header
+            members.pop()
+        return members, at, f"garbled tar member header at byte {base + at} (bad checksum)", False
+    return members, pos, damage, ended
 
 
-def _groups(members: Iterator[tuple[str, int, object]]) -> Iterator[tuple[str, int, dict]]:
+def _first_bad_checksum(buffer: bytes, headers: list[int]) -> int | None:
+    """Index in ``headers`` of the first header whose checksum is wrong, or None (vectorised)."""
+    if not headers:
+        return None
+    data = np.frombuffer(buffer, dtype=np.uint8)
+    rows = data[np.asarray(headers)[:, None] + np.arange(512)].astype(np.int64)
+    computed = rows.sum(axis=1) - rows[:, 148:156].sum(axis=1) + 8 * 32  # the field counts as 8 spaces
+    stored = []
+    for at in headers:
+        try:
+            stored.append(int(buffer[at + 148:at + 156].strip(b" \0") or b"-1", 8))
+        except ValueError:
+            stored.append(-1)
+    wrong = np.flatnonzero(computed != np.asarray(stored))
+    return int(wrong[0]) if len(wrong) else None
+
+
+def _groups(members, damage: str | None = None) -> Iterator[tuple[str, int, dict]]:
     """Consecutive members with the same key as (key, offset of its first header, {suffix: data})."""
     key, offset, group = None, 0, {}
-    try:
-        for name, start, data in members:
-            member_key, suffix = _group_key(name)
-            if member_key != key:
-                # Hand out the finished group before reading on, so damage further along the
-                # shard cannot take it down too.
-                if key is not None:
-                    yield key, offset, group
-                key, offset, group = member_key, start, {}
-            group[suffix] = data
-    except TarDamage:
-        # The group being read may be incomplete; it is still handed out (the schema check finds
-        # missing views), unless it has no member at all.
-        if key is not None and group:
-            yield key, offset, group
-        raise
-    if key is not None:
+    for name, at, data in members:
+        member_key, suffix = _group_key(name)
+        if member_key != key:
+            if key is not None:
+                yield key, offset, group
+            key, offset, group = member_key, at, {}
+        group[suffix] = data
+    # The group in progress at damage may be incomplete: it is still handed out (the schema check
+    # finds missing views).
+    if key is not None and group:
         yield key, offset, group
 
 
 def iter_tar_groups(fileobj, start_offset: int = 0, until_end_marker: bool = True) -> Iterator[tuple[str, int, dict[str, bytes]]]:
     """Yield (key, offset, {suffix: bytes}) for consecutive sample groups, from a byte offset.
 
-    Truncated or garbled tar data (a cut inside a member or at a member boundary, a bad header)
-    raises :class:`TarDamage` (a ``tarfile.ReadError``) where it is found; groups before it are
-    yielded normally.
+    Truncated or garbled tar data (a cut inside a member or at a member boundary, a bad header,
+    a zero block in the middle) raises :class:`TarDamage` (a ``tarfile.ReadError``) where it is
+    found, after every group before it has been yielded (the one in progress too: the schema
+    check finds what it lacks).
     """
     if start_offset:
         fileobj.seek(start_offset)
-    yield from _groups(_members(_FileSource(fileobj, start_offset), until_end_marker))
+
+    def members() -> Iterator[tuple[str, int, bytes]]:
+        pending, base, want = b"", start_offset, _CHUNK
+        while True:
+            chunk = fileobj.read(want)
+            buffer, final = pending + chunk, not chunk
+            found, consumed, damage, ended = _parse_members(buffer, base, final)
+            for name, at, span in found:
+                yield name, at, span_bytes(buffer, span)
+            if damage:
+                raise TarDamage(damage)
+            if ended:
+                if until_end_marker and buffer[consumed + 512:consumed + 1024] not in (_ZERO_BLOCK, b"") \
+                        and len(buffer) >= consumed + 1024:
+                    raise TarDamage(f"a zero block at byte {base + consumed} in the middle of the archive (garbled member header)")
+                return
+            if final:
+                if until_end_marker:
+                    raise TarDamage(f"the shard ends at byte {base + consumed} with no end-of-archive marker (cut at a member boundary)")
+                return
+            pending, base = buffer[consumed:], base + consumed
+            want = max(_CHUNK, 2 * len(pending))  # a member larger than a chunk: read more at once
+
+    key, offset, group = None, 0, {}
+    try:
+        for name, at, data in members():
+            member_key, suffix = _group_key(name)
+            if member_key != key:
+                # Hand out the finished group before reading on, so damage further along the
+                # shard cannot take it down too.
+                if key is not None:
+                    yield key, offset, group
+                key, offset, group = member_key, at, {}
+            group[suffix] = data
+    except TarDamage:
+        if key is not None and group:
+            yield key, offset, group
+        raise
+    if key is not None:
+        yield key, offset, group
+
 
 def scan_index(url: str, storage_options: dict | None = None) -> ShardIndex:
     """Build a shard's index by reading it through once (for shards written by other tools)."""
@@ -341,13 +371,6 @@ def load_or_build_index(url: str, storage_options: dict | None = None) -> ShardI
                                              f"shard; scanned the shard instead")
 
 
-def _octal(field: bytes) -> int:
-    field = field.rstrip(b" \0").strip()
-    if field and field[0] & 0x80:  # GNU base-256 for large sizes
-        return int.from_bytes(field[1:], "big")
-    return int(field, 8) if field else 0
-
-
 def _pax_path(records: bytes) -> str | None:
     """The 'path' record of a pax extended header ("LEN path=VALUE\\n" records)."""
     pos = 0
@@ -382,12 +405,8 @@ def read_raw_range(url: str, index: ShardIndex, first: int, count: int, storage_
     fs, path = storage.filesystem(url, storage_options)
     # cat_file makes one exact ranged GET on object stores; a file object would read ahead blocks.
     buffer = fs.cat_file(path, start=start, end=end)
-    groups, damage = [], None
-    try:
-        for key, _, members in _groups(_members(_BufferSource(buffer, start), until_end_marker=False)):
-            groups.append((key, members))
-    except TarDamage as error:
-        damage = str(error)
+    found, _, damage, _ = _parse_members(buffer, start, final=True)
+    groups = [(key, members) for key, _, members in _groups(found)]
     if damage is None and len(buffer) < end - start:
         damage = f"the shard ends at byte {start + len(buffer)}, before byte {end} where its index says sample {first + count} starts"
     return RawRange(url, buffer, groups, damage)
