@@ -48,7 +48,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import orjson  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+
+from data_pipeline.schema import decode_image  # noqa: E402
 
 BATCH, CONTEXT, TARGET = 8, 3, 1
 PEERS = ("webdataset", "mosaicml", "litdata")
@@ -59,17 +60,12 @@ PEERS = ("webdataset", "mosaicml", "litdata")
 
 def decode_object(meta_bytes, view_bytes, rng: np.random.Generator) -> dict:
     """What every peer does per object: metadata, 4 seeded views, cameras, PNG decodes (uint8 HWC)."""
-    import io
-
     meta = orjson.loads(meta_bytes)
     views = meta["views"]
     chosen = rng.permutation(len(views))[:CONTEXT + TARGET]
     K = np.array([views[i]["K"] for i in chosen], dtype=np.float32)
     c2w = np.array([views[i]["c2w"] for i in chosen], dtype=np.float32)
-    images = []
-    for i in chosen:
-        with Image.open(io.BytesIO(view_bytes(views[i]["name"]))) as image:
-            images.append(np.asarray(image.convert("RGB")))
+    images = [decode_image(view_bytes(views[i]["name"])) for i in chosen]  # the project's decoder, for everyone
     return {"images": np.stack(images), "K": K, "c2w": c2w, "object_id": meta["object_id"]}
 
 
@@ -221,7 +217,12 @@ def measure(spec: dict) -> dict:
     first = next(iter(loader))
     first_batch_s = time.perf_counter() - start
     del first
-    rates, distinct, epoch_objects = [], [], []
+    # Machine load drifts while children run one after another, so each child also times the
+    # in-memory ceiling right after each of its epochs: the paired ratio is robust to that drift.
+    objects_in_memory = load_objects(spec["tar_local"])
+    in_memory = _in_memory_pass(objects_in_memory, spec["seed"])
+    in_memory()  # warm-up
+    rates, ceiling_rates, distinct, epoch_objects = [], [], [], []
     for epoch in range(passes + 1):  # the first full epoch is the warm-up (workers, caches, downloads)
         if name == "project":
             loader.set_epoch(epoch + 1)
@@ -237,9 +238,20 @@ def measure(spec: dict) -> dict:
         if epoch:
             rates.append(objects / seconds)
             epoch_objects.append(objects)
+            start = time.perf_counter()
+            in_memory()
+            ceiling_rates.append(len(objects_in_memory) / (time.perf_counter() - start))
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    # A fresh reader's first batch in this (now warm) process: what each epoch start or resume costs.
+    warm_loader = make()
+    start = time.perf_counter()
+    next(iter(warm_loader))
+    warm_first_batch_s = time.perf_counter() - start
+    del warm_loader
     return {"objects_per_s": round(statistics.median(rates), 1), "objects_per_s_passes": [round(r, 1) for r in rates],
-            "objects_per_epoch": epoch_objects[0], "first_batch_ms": round(first_batch_s * 1000, 1),
+            "vs_in_memory_ceiling": round(statistics.median(r / c for r, c in zip(rates, ceiling_rates)), 3),
+            "first_batch_warm_ms": round(warm_first_batch_s * 1000, 1),
+            "objects_per_epoch": epoch_objects[0], "first_batch_cold_ms": round(first_batch_s * 1000, 1),
             "distinct_shards_per_batch": round(float(np.mean(distinct)), 2),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "peak_rss_worker_mb": round(children, 1) if workers else None}
@@ -248,9 +260,19 @@ def measure(spec: dict) -> dict:
 # --------------------------------------------------------------------------- ceilings (this process)
 
 
-def ceilings(objects, passes: int, seed: int) -> dict:
-    import io
+def _in_memory_pass(objects, seed: int):
+    """One in-memory epoch: the per-object function on every object, in batches of 8, collated."""
+    def run():
+        items = []
+        for i, (_, _, members) in enumerate(objects):
+            items.append(decode_object(members["meta.json"], members.__getitem__, np.random.default_rng([seed, i])))
+            if len(items) == BATCH:
+                collate(items)
+                items = []
+    return run
 
+
+def ceilings(objects, passes: int, seed: int) -> dict:
     rng_for = [np.random.default_rng([seed, i]) for i in range(len(objects))]
     chosen = [rng_for[i].permutation(len(orjson.loads(m["meta.json"])["views"]))[:CONTEXT + TARGET]
               for i, (_, _, m) in enumerate(objects)]
@@ -259,16 +281,9 @@ def ceilings(objects, passes: int, seed: int) -> dict:
     def decode_only():
         for (_, _, members), view_names in zip(objects, names):
             for name in view_names:
-                with Image.open(io.BytesIO(members[name])) as image:
-                    np.asarray(image.convert("RGB"))
+                decode_image(members[name])
 
-    def in_memory():
-        items = []
-        for i, (_, _, members) in enumerate(objects):
-            items.append(decode_object(members["meta.json"], members.__getitem__, np.random.default_rng([seed, i])))
-            if len(items) == BATCH:
-                collate(items)
-                items = []
+    in_memory = _in_memory_pass(objects, seed)
 
     out = {}
     for label, fn in (("decode", decode_only), ("in_memory", in_memory)):
@@ -385,7 +400,7 @@ def main() -> None:
                     continue
                 for workers in args.workers:
                     spec = {"reader": name, "workers": workers, "passes": args.passes, "seed": seed, "source": source,
-                            "shard_of": shard_of}
+                            "shard_of": shard_of, "tar_local": tar_urls}
                     if name in ("project", "webdataset"):
                         base = shards if source == "local" else f"{remote['bucket']}/tar"
                         names = [os.path.basename(u) for u in tar_urls]
@@ -402,18 +417,21 @@ def main() -> None:
         if server is not None:
             server.stop()
     result["readers"] = readers
-    project = readers.get("project", {})
+    def entry(name, source, workers):
+        one = readers.get(name)
+        return one.get(source, {}).get(f"w{workers}", {}) if isinstance(one, dict) else {}
+
+    # project / peer, each normalised by the in-memory ceiling timed beside it (see measure())
     ratios = {}
     for source in args.sources:
         for workers in args.workers:
-            mine = project.get(source, {}).get(f"w{workers}", {}).get("objects_per_s")
+            mine = entry("project", source, workers).get("vs_in_memory_ceiling")
+            if mine:
+                ratios[f"project_vs_in_memory_ceiling_{source}_w{workers}"] = mine
             for peer in PEERS:
-                theirs = readers.get(peer, {})
-                theirs = theirs.get(source, {}).get(f"w{workers}", {}).get("objects_per_s") if isinstance(theirs, dict) else None
+                theirs = entry(peer, source, workers).get("vs_in_memory_ceiling")
                 if mine and theirs:
                     ratios[f"project_vs_{peer}_{source}_w{workers}"] = round(mine / theirs, 2)
-            if mine:
-                ratios[f"project_vs_in_memory_ceiling_{source}_w{workers}"] = round(mine / result["ceilings_objects_per_s"]["in_memory"], 2)
     result["ratios"] = ratios
     print(json.dumps(result))
     if args.markdown:
@@ -436,7 +454,7 @@ def markdown(result: dict, sources, workers) -> str:
                 cells.append(str(one.get("objects_per_s", one.get("error", "-"))))
         local0 = entry.get("local", {}).get(f"w{workers[0]}", {})
         local2 = entry.get("local", {}).get(f"w{workers[-1]}", {})
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {local0.get('first_batch_ms', '-')} | "
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {local0.get('first_batch_warm_ms', '-')} | "
                      f"{local0.get('distinct_shards_per_batch', '-')} | "
                      f"{local2.get('peak_rss_mb', '-')} / {local2.get('peak_rss_worker_mb', '-')} |")
     c = result["ceilings_objects_per_s"]

@@ -128,6 +128,9 @@ def write_index(index: ShardIndex, storage_options: dict | None = None) -> None:
 
 def _group_key(name: str) -> tuple[str, str]:
     """webdataset's rule: the key is everything before the first dot of the basename."""
+    if "/" not in name:  # the common case, without os.path's overhead (the reader calls this per member)
+        key, _, suffix = name.partition(".")
+        return key, suffix.lower()
     directory, base = os.path.split(name)
     key, _, suffix = base.partition(".")
     return os.path.join(directory, key) if directory else key, suffix.lower()
@@ -223,13 +226,15 @@ def _first_bad_checksum(buffer: bytes, headers: list[int]) -> int | None:
     data = np.frombuffer(buffer, dtype=np.uint8)
     rows = data[np.asarray(headers)[:, None] + np.arange(512)].astype(np.int64)
     computed = rows.sum(axis=1) - rows[:, 148:156].sum(axis=1) + 8 * 32  # the field counts as 8 spaces
-    stored = []
-    for at in headers:
-        try:
-            stored.append(int(buffer[at + 148:at + 156].strip(b" \0") or b"-1", 8))
-        except ValueError:
-            stored.append(-1)
-    wrong = np.flatnonzero(computed != np.asarray(stored))
+    # The stored checksum: octal digits, maybe led by spaces or NULs and ended by a NUL and/or a
+    # space ("%06o\0 " from tarfile and GNU tar); anything else in the field makes it wrong.
+    field = rows[:, 148:156]
+    digit = (field >= 48) & (field <= 55)
+    blank = (field == 0) | (field == 32)
+    after = digit[:, ::-1].cumsum(axis=1)[:, ::-1] - digit  # digits to the right of each byte
+    stored = np.where(digit, (field - 48) << (3 * after), 0).sum(axis=1)
+    stored[~(digit | blank).all(axis=1) | ~digit.any(axis=1)] = -1
+    wrong = np.flatnonzero(computed != stored)
     return int(wrong[0]) if len(wrong) else None
 
 
@@ -406,7 +411,14 @@ def read_raw_range(url: str, index: ShardIndex, first: int, count: int, storage_
     # cat_file makes one exact ranged GET on object stores; a file object would read ahead blocks.
     buffer = fs.cat_file(path, start=start, end=end)
     found, _, damage, _ = _parse_members(buffer, start, final=True)
-    groups = [(key, members) for key, _, members in _groups(found)]
+    groups: list[tuple[str, dict[str, int]]] = []
+    last = None
+    for name, _, span in found:  # _groups, inlined: this runs for every member the reader reads
+        key, suffix = _group_key(name)
+        if key != last:
+            groups.append((key, {}))
+            last = key
+        groups[-1][1][suffix] = span
     if damage is None and len(buffer) < end - start:
         damage = f"the shard ends at byte {start + len(buffer)}, before byte {end} where its index says sample {first + count} starts"
     return RawRange(url, buffer, groups, damage)
