@@ -169,8 +169,10 @@ def _peer_loader(name: str, spec: dict, workers: int):
                 return decode_object(raw["meta_json"], _member(raw), np.random.default_rng([seed, position]))
 
         kwargs = {}
-        if spec["source"] == "s3":
-            kwargs = {"storage_options": spec["storage_options"], "cache_dir": spec["cache"]}
+        if spec["source"] == "s3":  # litdata hands these to boto3's client()
+            options = spec["storage_options"]
+            kwargs = {"storage_options": {"endpoint_url": options["endpoint_url"], "aws_access_key_id": options["key"],
+                                          "aws_secret_access_key": options["secret"]}, "cache_dir": spec["cache"]}
         dataset = Decoded(spec["path"], shuffle=True, seed=seed, **kwargs)
         return litdata.StreamingDataLoader(dataset, batch_size=BATCH, num_workers=workers, collate_fn=collate)
     raise ValueError(name)
@@ -185,8 +187,11 @@ def _torchvision_placeholder() -> None:
     except Exception:
         import types
 
+        import importlib.machinery
+
         for name in ("torchvision", "torchvision.datasets", "torchvision.transforms", "torchvision.transforms.functional"):
             sys.modules[name] = types.ModuleType(name)
+            sys.modules[name].__spec__ = importlib.machinery.ModuleSpec(name, None)
         sys.modules["torchvision.datasets"].VisionDataset = object
         sys.modules["torchvision.transforms.functional"].to_tensor = None
 
@@ -220,27 +225,29 @@ def measure(spec: dict) -> dict:
     # Machine load drifts while children run one after another, so each child also times the
     # in-memory ceiling right after each of its epochs: the paired ratio is robust to that drift.
     objects_in_memory = load_objects(spec["tar_local"])
-    in_memory = _in_memory_pass(objects_in_memory, spec["seed"])
+    in_memory = _in_memory_pass(_shard_bytes(spec["tar_local"]), spec["seed"])
     in_memory()  # warm-up
-    rates, ceiling_rates, distinct, epoch_objects = [], [], [], []
+    rates, ceiling_rates, distinct, epoch_objects, cpu_rates, ceiling_cpu_rates = [], [], [], [], [], []
     for epoch in range(passes + 1):  # the first full epoch is the warm-up (workers, caches, downloads)
         if name == "project":
             loader.set_epoch(epoch + 1)
         elif name == "mosaicml" or name == "litdata":
             if hasattr(loader.dataset, "set_epoch"):
                 loader.dataset.set_epoch(epoch + 1)
-        start, objects = time.perf_counter(), 0
+        start, cpu_start, objects = time.perf_counter(), time.process_time(), 0
         for batch in loader:
             batch_ids = ids(batch)
             objects += len(batch_ids)
             distinct.append(len({shard_of[i] for i in batch_ids}))
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         if epoch:
             rates.append(objects / seconds)
+            cpu_rates.append(objects / cpu_seconds)
             epoch_objects.append(objects)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             in_memory()
             ceiling_rates.append(len(objects_in_memory) / (time.perf_counter() - start))
+            ceiling_cpu_rates.append(len(objects_in_memory) / (time.process_time() - cpu_start))
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     # A fresh reader's first batch in this (now warm) process: what each epoch start or resume costs.
     warm_loader = make()
@@ -250,6 +257,10 @@ def measure(spec: dict) -> dict:
     del warm_loader
     return {"objects_per_s": round(statistics.median(rates), 1), "objects_per_s_passes": [round(r, 1) for r in rates],
             "vs_in_memory_ceiling": round(statistics.median(r / c for r, c in zip(rates, ceiling_rates)), 3),
+            # objects per CPU-second of this process vs the ceiling's: insensitive to other jobs'
+            # load, and meaningful only without loader workers (their CPU is not in this process)
+            "cpu_vs_in_memory_ceiling": (round(statistics.median(r / c for r, c in zip(cpu_rates, ceiling_cpu_rates)), 3)
+                                         if not workers else None),
             "first_batch_warm_ms": round(warm_first_batch_s * 1000, 1),
             "objects_per_epoch": epoch_objects[0], "first_batch_cold_ms": round(first_batch_s * 1000, 1),
             "distinct_shards_per_batch": round(float(np.mean(distinct)), 2),
@@ -260,8 +271,28 @@ def measure(spec: dict) -> dict:
 # --------------------------------------------------------------------------- ceilings (this process)
 
 
-def _in_memory_pass(objects, seed: int):
-    """One in-memory epoch: the per-object function on every object, in batches of 8, collated."""
+def _in_memory_pass(shard_bytes: list[bytes], seed: int):
+    """One in-memory epoch: the shards' bytes already in RAM, parsed (tar headers with the project's
+    parser, metadata), 4 views decoded per object, batches of 8 collated — what a reader does
+    minus the I/O and the sampling."""
+    import io
+
+    from data_pipeline.shards import iter_tar_groups
+
+    def run():
+        items, i = [], 0
+        for data in shard_bytes:
+            for _, _, members in iter_tar_groups(io.BytesIO(data)):
+                items.append(decode_object(members["meta.json"], members.__getitem__, np.random.default_rng([seed, i])))
+                i += 1
+                if len(items) == BATCH:
+                    collate(items)
+                    items = []
+    return run
+
+
+def _preparsed_pass(objects, seed: int):
+    """The stricter ceiling: members already split (no tar parsing), then as _in_memory_pass."""
     def run():
         items = []
         for i, (_, _, members) in enumerate(objects):
@@ -272,7 +303,15 @@ def _in_memory_pass(objects, seed: int):
     return run
 
 
-def ceilings(objects, passes: int, seed: int) -> dict:
+def _shard_bytes(urls: list[str]) -> list[bytes]:
+    out = []
+    for url in urls:
+        with open(url, "rb") as f:
+            out.append(f.read())
+    return out
+
+
+def ceilings(objects, tar_urls: list[str], passes: int, seed: int) -> dict:
     rng_for = [np.random.default_rng([seed, i]) for i in range(len(objects))]
     chosen = [rng_for[i].permutation(len(orjson.loads(m["meta.json"])["views"]))[:CONTEXT + TARGET]
               for i, (_, _, m) in enumerate(objects)]
@@ -283,10 +322,11 @@ def ceilings(objects, passes: int, seed: int) -> dict:
             for name in view_names:
                 decode_image(members[name])
 
-    in_memory = _in_memory_pass(objects, seed)
+    in_memory = _in_memory_pass(_shard_bytes(tar_urls), seed)
+    preparsed = _preparsed_pass(objects, seed)
 
     out = {}
-    for label, fn in (("decode", decode_only), ("in_memory", in_memory)):
+    for label, fn in (("decode", decode_only), ("in_memory", in_memory), ("in_memory_preparsed", preparsed)):
         fn()  # warm-up
         times = []
         for _ in range(passes):
@@ -367,7 +407,7 @@ def main() -> None:
     for _ in range(2000):
         uniform.append(len({objects[i][0] for i in rng.choice(len(objects), BATCH, replace=False)}))
     result["uniform_distinct_shards_per_batch"] = round(float(np.mean(uniform)), 2)
-    result["ceilings_objects_per_s"] = ceilings(objects, args.passes, seed)
+    result["ceilings_objects_per_s"] = ceilings(objects, tar_urls, args.passes, seed)
 
     available = {name: name == "project" or installed(name) for name in args.readers}
     formats = {}

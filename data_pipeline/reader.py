@@ -248,12 +248,18 @@ class _SlotStream(torch.utils.data.IterableDataset):
         logical = (worker + self.rotation) % self.workers
         slot = self.rank * self.workers + logical
         state = self.slot_states.get(slot) or SlotState()
-        self._pool = None
+        self._pool = None  # parallel ranged GETs of one block (object stores)
+        self._ahead = ThreadPoolExecutor(max_workers=1)  # reads the next block while this one is decoded
         try:
             yield from self._batches(slot, SlotState.from_dict(state.to_dict()))
         finally:
+            self._ahead.shutdown(wait=False, cancel_futures=True)
             if self._pool is not None:
                 self._pool.shutdown(wait=False)
+
+    def _fetch_block(self, slot: int, cursor: int) -> tuple[int, np.ndarray, dict]:
+        start, block = self.plan.block(slot, cursor)
+        return start, block, self._read_positions(block)
 
     def _batches(self, slot: int, state: SlotState) -> Iterator[tuple["_PackedBatch", int, SlotState]]:
         config, plan = self.config, self.plan
@@ -261,8 +267,14 @@ class _SlotStream(torch.utils.data.IterableDataset):
         sizes = plan.batch_sizes()
         warn = _RateLimitedWarning(config.warn_every_s)
         block_start, block, block_data = 0, np.zeros(0, dtype=np.int64), {}
+        ahead = None  # (cursor, future) of the block after the current one
         since_last_emit = 0
         while state.batches < len(sizes):
+            # Read the next block while this one is decoded; started after a batch is out, so that
+            # it never delays the first batch.
+            following = block_start + len(block)
+            if len(block) and (ahead is None or ahead[0] != following):
+                ahead = (following, self._ahead.submit(self._fetch_block, slot, following))
             # The number of context views depends only on the rank-level batch number, not on the
             # rank: every rank's n-th batch has the same k, so ranks run the same computation
             # (ZeRO-3 gathers parameters per module call: diverging calls would deadlock).
@@ -278,8 +290,11 @@ class _SlotStream(torch.utils.data.IterableDataset):
                     raise RuntimeError(f"reader slot {slot}: none of the {universe} samples of epoch {plan.epoch} is "
                                        f"readable (shards with problems: {problems})")
                 if not block_start <= state.cursor < block_start + len(block):
-                    block_start, block = plan.block(slot, state.cursor)
-                    block_data = self._read_positions(block)
+                    # Memory: this block and the next one, encoded (2 x shuffle_block_objects samples).
+                    if ahead is not None and ahead[0] == state.cursor:
+                        block_start, block, block_data = ahead[1].result()
+                    else:
+                        block_start, block, block_data = self._fetch_block(slot, state.cursor)
                 item = block_data[int(block[state.cursor - block_start])]
                 mine = state.cursor < own  # skips of the slot's own samples are counted; refills' are not
                 state.cursor += 1
@@ -506,17 +521,16 @@ def _collate(items: list[_LoadedObject]) -> _PackedBatch:
         size = int(np.prod(shape))
         parts[name] = buffer[start:start + size].reshape(shape)
         start += size
-    for i, item in enumerate(items):
+    scale = np.float32(255.0)
+    for i, item in enumerate(items):  # uint8 HWC -> float32 CHW in [0, 1], in one pass
         if k:
-            parts["context_images"][i] = item.context_rgb.transpose(0, 3, 1, 2)
+            np.divide(item.context_rgb.transpose(0, 3, 1, 2), scale, out=parts["context_images"][i])
         if m:
-            parts["target_images"][i] = item.target_rgb.transpose(0, 3, 1, 2)
+            np.divide(item.target_rgb.transpose(0, 3, 1, 2), scale, out=parts["target_images"][i])
         parts["context_K"][i], parts["context_c2w"][i] = item.context_K, item.context_c2w
         parts["target_K"][i], parts["target_c2w"][i] = item.target_K, item.target_c2w
         parts["background"][i] = item.background
         parts["context_view_indices"][i], parts["target_view_indices"][i] = item.context_views, item.target_views
-    images_end = count * (k + m) * 3 * height * width  # the images come first in the buffer
-    np.divide(buffer[:images_end], np.float32(255.0), out=buffer[:images_end])
     return _PackedBatch(torch.from_numpy(buffer), layout, [item.object_id for item in items])
 
 

@@ -223,16 +223,20 @@ def _first_bad_checksum(buffer: bytes, headers: list[int]) -> int | None:
     """Index in ``headers`` of the first header whose checksum is wrong, or None (vectorised)."""
     if not headers:
         return None
-    data = np.frombuffer(buffer, dtype=np.uint8)
-    rows = data[np.asarray(headers)[:, None] + np.arange(512)].astype(np.int64)
-    computed = rows.sum(axis=1) - rows[:, 148:156].sum(axis=1) + 8 * 32  # the field counts as 8 spaces
+    starts = np.asarray(headers)
+    if not (starts % 512).any():  # headers sit on 512-byte blocks of the buffer (it starts at a member)
+        blocks = np.frombuffer(buffer, dtype=np.uint8, count=len(buffer) // 512 * 512).reshape(-1, 512)
+        rows = blocks[starts // 512]
+    else:
+        rows = np.frombuffer(buffer, dtype=np.uint8)[starts[:, None] + np.arange(512)]
+    computed = rows.sum(axis=1, dtype=np.int64) - rows[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * 32  # field = 8 spaces
     # The stored checksum: octal digits, maybe led by spaces or NULs and ended by a NUL and/or a
     # space ("%06o\0 " from tarfile and GNU tar); anything else in the field makes it wrong.
     field = rows[:, 148:156]
     digit = (field >= 48) & (field <= 55)
     blank = (field == 0) | (field == 32)
     after = digit[:, ::-1].cumsum(axis=1)[:, ::-1] - digit  # digits to the right of each byte
-    stored = np.where(digit, (field - 48) << (3 * after), 0).sum(axis=1)
+    stored = np.where(digit, (field.astype(np.int64) - 48) << (3 * after), 0).sum(axis=1)
     stored[~(digit | blank).all(axis=1) | ~digit.any(axis=1)] = -1
     wrong = np.flatnonzero(computed != stored)
     return int(wrong[0]) if len(wrong) else None
