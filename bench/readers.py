@@ -36,6 +36,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -171,6 +172,12 @@ def _peer_loader(name: str, spec: dict, workers: int):
         kwargs = {}
         if spec["source"] == "s3":  # litdata hands these to boto3's client()
             options = spec["storage_options"]
+            # litdata fetches chunks with obstore, which refuses plain-http endpoints (the local
+            # server) unless told otherwise; litdata has no setting for it
+            from litdata.streaming import downloader
+
+            if isinstance(getattr(downloader, "_OBSTORE_CLIENT_OPTIONS", None), dict):
+                downloader._OBSTORE_CLIENT_OPTIONS["allow_http"] = "true"
             kwargs = {"storage_options": {"endpoint_url": options["endpoint_url"], "aws_access_key_id": options["key"],
                                           "aws_secret_access_key": options["secret"]}, "cache_dir": spec["cache"]}
         dataset = Decoded(spec["path"], shuffle=True, seed=seed, **kwargs)
@@ -360,8 +367,9 @@ def run_child(spec: dict, timeout: float) -> dict:
                               capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
-    if done.returncode != 0:
-        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
+    if done.returncode != 0:  # the exception line of the child's traceback
+        lines = [line for line in done.stderr.splitlines() if re.match(r"^[A-Za-z_.]+(Error|Exception)\b", line)]
+        return {"error": (lines[-1] if lines else done.stderr.strip()[-300:] or f"exit {done.returncode}")[:300]}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
