@@ -23,9 +23,17 @@ main process and the largest loader worker). Sources: local disk, and the real l
 (SeaweedFS on loopback; MosaicML and litdata download chunks into a local cache first).
 
 Ceilings, in one process, from bytes already in memory: ``decode`` (the 4 PNG decodes per object
-only) and ``in_memory`` (the whole per-object function plus batching: metadata, cameras, decode,
-collate). Readers missing here are reported as "not installed". The machine may be shared with
-other jobs: compare the ratios within one run, not absolute numbers across runs.
+only), ``in_memory`` (the shards' bytes in RAM: tar headers parsed with the project's parser,
+then the per-object function and batching: metadata, cameras, decode, collate) and
+``in_memory_preparsed`` (the same from members already split, no tar parsing). Machine load
+drifts while the children run one after another, so each child also times ``in_memory`` right
+after each of its epochs; ``vs_in_memory_ceiling`` is the median of those paired ratios (wall
+clock), ``cpu_vs_in_memory_ceiling`` the same in CPU time of the process (0 workers only: it
+ignores other jobs' load), and the ``project_vs_<peer>`` ratios divide the project's paired ratio
+by the peer's. Readers missing here are reported as "not installed". The machine may be shared
+with other jobs: compare ratios within one run, not absolute numbers across runs. MosaicML and
+litdata copy chunks from S3 into a local cache during the warm-up epoch and read that cache
+afterwards; this project's reader and webdataset read from S3 in every epoch.
 
 Prints one JSON line, and with ``--markdown`` the README table too.
 """
