@@ -237,13 +237,17 @@ def measure(spec: dict) -> dict:
     first = next(iter(loader))
     first_batch_s = time.perf_counter() - start
     del first
-    # Machine load drifts while children run one after another, so each child also times the
-    # in-memory ceiling right after each of its epochs: the paired ratio is robust to that drift.
-    objects_in_memory = load_objects(spec["tar_local"])
-    in_memory = _in_memory_pass(_shard_bytes(spec["tar_local"]), spec["seed"])
-    in_memory()  # warm-up
     rates, ceiling_rates, distinct, epoch_objects, cpu_rates, ceiling_cpu_rates = [], [], [], [], [], []
     for epoch in range(passes + 1):  # the first full epoch is the warm-up (workers, caches, downloads)
+        if epoch == 1:
+            # Peak memory of the reader alone: after the warm-up epoch, before the ceiling's data.
+            peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            peak_worker_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+            # Machine load drifts while children run one after another, so each child also times
+            # the in-memory ceiling right after each of its epochs: the paired ratio is robust to it.
+            objects_in_memory = load_objects(spec["tar_local"])
+            in_memory = _in_memory_pass(_shard_bytes(spec["tar_local"]), spec["seed"])
+            in_memory()  # warm-up
         if name == "project":
             loader.set_epoch(epoch + 1)
         elif name == "mosaicml" or name == "litdata":
@@ -263,7 +267,6 @@ def measure(spec: dict) -> dict:
             in_memory()
             ceiling_rates.append(len(objects_in_memory) / (time.perf_counter() - start))
             ceiling_cpu_rates.append(len(objects_in_memory) / (time.process_time() - cpu_start))
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     # A fresh reader's first batch in this (now warm) process: what each epoch start or resume costs.
     warm_loader = make()
     start = time.perf_counter()
@@ -279,8 +282,7 @@ def measure(spec: dict) -> dict:
             "first_batch_warm_ms": round(warm_first_batch_s * 1000, 1),
             "objects_per_epoch": epoch_objects[0], "first_batch_cold_ms": round(first_batch_s * 1000, 1),
             "distinct_shards_per_batch": round(float(np.mean(distinct)), 2),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "peak_rss_worker_mb": round(children, 1) if workers else None}
+            "peak_rss_mb": round(peak_rss, 1), "peak_rss_worker_mb": round(peak_worker_rss, 1) if workers else None}
 
 
 # --------------------------------------------------------------------------- ceilings (this process)
