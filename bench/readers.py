@@ -211,6 +211,16 @@ def _torchvision_placeholder() -> None:
         sys.modules["torchvision.transforms.functional"].to_tensor = None
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak RSS since exec (VmHWM). Not ru_maxrss: Linux carries that over from
+    the forking parent across exec, so every child would report the driver's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def measure(spec: dict) -> dict:
     """Runs in a child process: one reader, one worker count, one source."""
     name, workers, passes = spec["reader"], spec["workers"], spec["passes"]
@@ -241,7 +251,8 @@ def measure(spec: dict) -> dict:
     for epoch in range(passes + 1):  # the first full epoch is the warm-up (workers, caches, downloads)
         if epoch == 1:
             # Peak memory of the reader alone: after the warm-up epoch, before the ceiling's data.
-            peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            peak_rss = _peak_rss_mb()
+            # workers: the largest one, counting the pages it shares with the main process (as top does)
             peak_worker_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
             # Machine load drifts while children run one after another, so each child also times
             # the in-memory ceiling right after each of its epochs: the paired ratio is robust to it.
