@@ -7,12 +7,16 @@
         # state = reader.state_dict() at any point; StreamingReader(...).load_state_dict(state)
         # continues with exactly the same objects, views and order
 
-How the epoch is split and shuffled is in epoch_plan.py. This module reads and decodes:
-each DataLoader worker plays one *slot* of the plan, reads its positions block by block (one
-seek per shard run, thanks to the shard index), picks the context and target views of each
-object from a seeded RNG, decodes only those views, and yields whole batches. Each batch carries
-the worker's cursor, so the main process knows exactly what has been consumed (prefetched but
-unconsumed batches do not count) and can save it.
+How the epoch is split, shuffled and mixed is in epoch_plan.py. This module reads and decodes:
+each DataLoader worker plays one *slot* of the plan and reads it block by block — one exact
+ranged read per shard piece (in parallel on object stores), the next block read ahead by a
+thread — parsing only tar headers up front; a sample's metadata (orjson) and the arrays of its
+chosen views are built only when it is used. It picks the context and target views of each
+object from a seeded RNG, decodes only those views, checks their cameras once per batch, and
+yields whole batches. Unreadable samples are skipped, counted by reason and shard, and replaced
+by reading on (epoch_plan.py: quota from elsewhere). Each batch carries the worker's cursor, so
+the main process knows exactly what has been consumed (prefetched but unconsumed batches do not
+count) and can save it.
 """
 
 from __future__ import annotations
