@@ -2,11 +2,20 @@
 
 Vocabulary:
 
-* **position**: the place of a sample in the epoch's order. The epoch's order is the shards in
-  a seeded permutation (seed, epoch), each shard's samples in file order.
-* **slot**: one (rank, worker) pair; ``slot = rank * workers_per_rank + worker``. Each slot reads
-  its own contiguous run of positions, so a shard is read by at most a few slots and resuming
-  needs one seek.
+* **piece**: up to ``piece_size`` consecutive samples of one shard, fetched with one (ranged)
+  read. Every shard is cut into pieces.
+* **position**: the place of a sample in the epoch's *sequence*: the pieces in a seeded
+  permutation (seed, epoch), each piece's samples in file order. Without shuffling the sequence
+  is the shards in list order, each in file order.
+* **slot**: one (rank, worker) pair; ``slot = rank * workers_per_rank + worker``. Each slot owns
+  a contiguous run of the sequence. Because the sequence is a permutation of small pieces, a
+  run holds pieces of many shards, so every slot sees the whole dataset's variety.
+* **block**: ``block_size`` consecutive positions of a slot's run, read together. A block is
+  emitted *interleaved*: its pieces in a seeded random order, one sample of each piece in turn
+  (each piece's samples shuffled too). Consecutive samples, hence the objects of one batch, come
+  from different pieces, i.e. (mostly) different shards — as well mixed as a uniform shuffle of
+  the epoch when a block holds at least a batch's worth of pieces — while memory stays one block
+  of samples per worker and reads stay one ranged read per piece.
 * **quota**: samples each slot emits per epoch. Every slot has the same quota, so every rank
   yields the same number of batches, whatever the shard sizes.
 
@@ -19,18 +28,19 @@ Splitting (``S`` samples, ``N`` slots, batch size ``B``):
   ``ceil(S / N) * N - S`` of them wrap round to the start of the epoch order (documented padding,
   fewer than N duplicates), and the last batch of every slot may be short.
 
-Within its run a slot shuffles in blocks of ``block_size`` positions (a seeded permutation per
-block), which mixes samples from neighbouring shards without a stateful shuffle buffer, so the
-stream is a pure function of (seed, epoch, slot, cursor) and resuming is exact.
-
-When a sample turns out to be unreadable the slot skips it and, after its run, continues from
-the start of its run again (a second *pass*) until it has emitted its quota: skipped samples are
-replaced by repeats of the same slot's samples, never by silence that would leave one rank short.
+**Unreadable samples take their quota from elsewhere.** A slot reads along its *extended run*:
+its own run, then the rest of the epoch's sequence from where its run ends, wrapping round (and
+round again if need be). When a sample is unreadable the slot skips it and simply reads on, so it
+still emits its quota: first from its own leftover positions, then from other slots' runs
+(repeats of samples that belong to the rest of the epoch). This depends only on (plan, slot,
+cursor) — no communication — so every rank emits the same number of batches and a resume is
+exact. Only when no sample of the whole epoch is readable does the reader give up.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -45,12 +55,13 @@ class EpochPlan:
     shuffle: bool = True
     drop_last: bool = True
     block_size: int = 64
+    piece_size: int = 8
     # Restricts the epoch to these positions (after an elastic resume): None means all of them.
     subset: tuple[int, ...] | None = None
 
     def __post_init__(self):
-        if self.batch_size < 1 or self.num_slots < 1 or self.block_size < 1:
-            raise ValueError("batch_size, num_slots and block_size must be >= 1")
+        if self.batch_size < 1 or self.num_slots < 1 or self.block_size < 1 or self.piece_size < 1:
+            raise ValueError("batch_size, num_slots, block_size and piece_size must be >= 1")
         if self.samples_per_slot < 1 or self.batches_per_slot < 1:
             raise ValueError(
                 f"the dataset has {self.num_samples} samples for {self.num_slots} readers "
@@ -90,46 +101,94 @@ class EpochPlan:
             sizes.append(self.quota % self.batch_size)
         return sizes
 
-    def shard_order(self) -> np.ndarray:
-        order = np.arange(len(self.counts))
+    # -- the sequence: pieces in a seeded order ----------------------------------------------
+    @cached_property
+    def _pieces(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(shard, first sample, end position in the sequence) of every piece, in sequence order."""
+        counts = np.asarray(self.counts, dtype=np.int64)
+        per_shard = -(-counts // self.piece_size)
+        shard = np.repeat(np.arange(len(counts)), per_shard)
+        first_piece = np.cumsum(per_shard) - per_shard
+        first = (np.arange(len(shard)) - first_piece[shard]) * self.piece_size
+        length = np.minimum(self.piece_size, counts[shard] - first)
         if self.shuffle:
-            np.random.default_rng([self.seed, self.epoch, 0x5A4D]).shuffle(order)
-        return order
+            order = np.random.default_rng([self.seed, self.epoch, 0x5A4D]).permutation(len(shard))
+            shard, first, length = shard[order], first[order], length[order]
+        return shard, first, np.cumsum(length)
 
-    def slot_positions(self, slot: int) -> np.ndarray:
-        """The positions slot ``slot`` reads, in reading order (block-shuffled)."""
-        n = self.samples_per_slot
-        universe = self.num_samples
-        run = (slot * n + np.arange(n)) % universe
-        if self.subset is not None:
-            run = np.asarray(self.subset, dtype=np.int64)[run]
-        if not self.shuffle:
-            return run
-        shuffled = run.copy()
-        for start in range(0, n, self.block_size):
-            block = shuffled[start:start + self.block_size]
-            np.random.default_rng([self.seed, self.epoch, slot, start, 0xB10C]).shuffle(block)
-        return shuffled
+    def piece_of(self, positions: np.ndarray) -> np.ndarray:
+        """Index (in sequence order) of the piece each position falls in."""
+        return np.searchsorted(self._pieces[2], positions, side="right")
 
     def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(shard index into ``counts``, sample index inside that shard) for epoch positions."""
-        order = self.shard_order()
-        ordered_counts = np.asarray(self.counts, dtype=np.int64)[order]
-        ends = np.cumsum(ordered_counts)
-        which = np.searchsorted(ends, positions, side="right")
-        local = positions - (ends[which] - ordered_counts[which])
-        return order[which], local
+        shard, first, ends = self._pieces
+        piece = self.piece_of(positions)
+        lengths = np.diff(ends, prepend=0)
+        return shard[piece], first[piece] + positions - (ends[piece] - lengths[piece])
+
+    # -- one slot's reading order --------------------------------------------------------------
+    def _extended(self, slot: int, start: int, stop: int) -> np.ndarray:
+        """Positions ``start..stop-1`` of the slot's extended run (its run, then the rest of the epoch)."""
+        universe = self.num_samples
+        run = (slot * self.samples_per_slot + np.arange(start, stop)) % universe
+        return run if self.subset is None else np.asarray(self.subset, dtype=np.int64)[run]
+
+    def block_bounds(self, cursor: int) -> tuple[int, int]:
+        """[start, stop) of the block holding a slot's ``cursor``-th read (cursor counts across wraps).
+
+        The slot's own run is cut into blocks first; the rest of the epoch after it, separately,
+        so that the first pass covers exactly the slot's own positions.
+        """
+        universe, own = self.num_samples, self.samples_per_slot
+        lap, within = divmod(cursor, universe)
+        if within < own:
+            start, end = within // self.block_size * self.block_size, own
+        else:
+            start, end = own + (within - own) // self.block_size * self.block_size, universe
+        return lap * universe + start, lap * universe + min(start + self.block_size, end)
+
+    def block(self, slot: int, cursor: int) -> tuple[int, np.ndarray]:
+        """(first cursor of the block holding ``cursor``, the block's positions in reading order)."""
+        start, stop = self.block_bounds(cursor)
+        lap = start // self.num_samples * self.num_samples
+        positions = self._extended(slot, start - lap, stop - lap)
+        if not self.shuffle:
+            return start, positions
+        rng = np.random.default_rng([self.seed, self.epoch, slot, start, 0xB10C])
+        pieces = self.piece_of(positions)
+        # Round-robin over the block's pieces in a random order, each piece's samples shuffled:
+        # sort by (turn, piece rank), where turn = the sample's rank inside its own piece.
+        within = rng.random(len(positions))
+        by_piece = np.lexsort((within, pieces))
+        turn = np.empty(len(positions), dtype=np.int64)
+        piece_sorted = pieces[by_piece]
+        group_start = np.r_[0, np.flatnonzero(np.diff(piece_sorted)) + 1]
+        sizes = np.diff(np.r_[group_start, len(positions)])
+        turn[by_piece] = np.arange(len(positions)) - np.repeat(group_start, sizes)
+        _, piece_ids = np.unique(pieces, return_inverse=True)
+        piece_rank = rng.permutation(len(group_start))[piece_ids]
+        return start, positions[np.lexsort((piece_rank, turn))]
+
+    def read_order(self, slot: int, stop: int) -> np.ndarray:
+        """The first ``stop`` positions the slot reads (its own run first, then the rest of the epoch)."""
+        out, cursor = [], 0
+        while cursor < stop:
+            start, positions = self.block(slot, cursor)
+            out.append(positions[cursor - start:stop - start])
+            cursor = start + len(positions)
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    def slot_positions(self, slot: int) -> np.ndarray:
+        """The positions slot ``slot`` owns, in reading order (block-interleaved)."""
+        return self.read_order(slot, self.samples_per_slot)
 
 
 def consumed_positions(plan: EpochPlan, cursors: dict[int, int]) -> set[int]:
     """Positions already read by each slot, given how far (cursor) each slot has got."""
     seen: set[int] = set()
     for slot, cursor in cursors.items():
-        positions = plan.slot_positions(slot)
-        if cursor >= len(positions):
-            seen.update(positions.tolist())
-        else:
-            seen.update(positions[:cursor].tolist())
+        seen.update(plan.read_order(slot, min(cursor, plan.num_samples)).tolist())
     return seen
 
 

@@ -7,12 +7,16 @@
         # state = reader.state_dict() at any point; StreamingReader(...).load_state_dict(state)
         # continues with exactly the same objects, views and order
 
-How the epoch is split and shuffled is in epoch_plan.py. This module reads and decodes:
-each DataLoader worker plays one *slot* of the plan, reads its positions block by block (one
-seek per shard run, thanks to the shard index), picks the context and target views of each
-object from a seeded RNG, decodes only those views, and yields whole batches. Each batch carries
-the worker's cursor, so the main process knows exactly what has been consumed (prefetched but
-unconsumed batches do not count) and can save it.
+How the epoch is split, shuffled and mixed is in epoch_plan.py. This module reads and decodes:
+each DataLoader worker plays one *slot* of the plan and reads it block by block — one exact
+ranged read per shard piece (in parallel on object stores), the next block read ahead by a
+thread — parsing only tar headers up front; a sample's metadata (orjson) and the arrays of its
+chosen views are built only when it is used. It picks the context and target views of each
+object from a seeded RNG, decodes only those views, checks their cameras once per batch, and
+yields whole batches. Unreadable samples are skipped, counted by reason and shard, and replaced
+by reading on (epoch_plan.py: quota from elsewhere). Each batch carries the worker's cursor, so
+the main process knows exactly what has been consumed (prefetched but unconsumed batches do not
+count) and can save it.
 """
 
 from __future__ import annotations
@@ -20,25 +24,26 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Iterator
 
 import numpy as np
+import orjson
 import torch
 from PIL import Image
 
 from data_pipeline import storage
 from data_pipeline.box_fit import BoxFitWarner
-from data_pipeline.cameras import CameraError, check_cameras, scale_intrinsics
+from data_pipeline.cameras import CameraError, check_cameras
 from data_pipeline.epoch_plan import EpochPlan, remaining_positions
-from data_pipeline.schema import ObjectSample, SampleError, decode_image, decode_mask, parse_sample
-from data_pipeline.shards import ShardIndex, load_or_build_index, read_sample_range
+from data_pipeline.schema import META_SUFFIX, SCHEMA_VERSION, SampleError, decode_image, decode_mask
+from data_pipeline.shards import RawRange, ShardIndex, load_or_build_index, read_raw_range, span_bytes
 
 log = logging.getLogger("data_pipeline.reader")
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the epoch is a permutation of shard pieces (piece_objects)
 
 
 @dataclass
@@ -52,13 +57,23 @@ class ReaderConfig:
     num_workers: int = 2  # DataLoader worker processes per rank (0 = read in the training process)
     seed: int = 0
     shuffle: bool = True
-    shuffle_block_objects: int = 64  # samples permuted together inside each worker's run
+    shuffle_block_objects: int = 64  # samples read together and interleaved by each worker (memory: one block)
+    # Consecutive samples of a shard read with one ranged read (see epoch_plan.py). None: as many
+    # as make a block hold one batch's worth of pieces (block // batch), so that every batch takes
+    # its objects from batch_size different pieces, i.e. (mostly) different shards.
+    piece_objects: int | None = None
     drop_last: bool = True  # see epoch_plan.py for what is dropped or padded
     storage_options: dict | None = None  # fsspec options (endpoint, key, ...); env vars otherwise
     warn_every_s: float = 30.0  # rate limit of warnings about skipped samples
     prefetch_batches: int = 2  # per worker
     box_half_size: float | None = None  # the model's box: warn once if an object or camera misses it
     masks: bool = False  # also decode the chosen views' masks (KEY.viewNNN.mask.png); objects without are skipped
+
+    @property
+    def piece_size(self) -> int:
+        if self.piece_objects is not None:
+            return self.piece_objects
+        return max(1, self.shuffle_block_objects // self.batch_size)
 
     def __post_init__(self):
         checks = {
@@ -67,6 +82,7 @@ class ReaderConfig:
             "target_views": self.target_views >= 0 and self.context_views_max + self.target_views >= 1,
             "num_workers": self.num_workers >= 0,
             "shuffle_block_objects": self.shuffle_block_objects >= 1,
+            "piece_objects": self.piece_objects is None or self.piece_objects >= 1,
             "resolution": self.resolution is None or self.resolution >= 1,
         }
         for name, ok in checks.items():
@@ -109,35 +125,77 @@ class ViewBatch:
 
 @dataclass
 class SkipStats:
-    """Counts of what was skipped; kept per slot, summed per rank."""
+    """Counts of skipped samples (by reason and by shard); kept per slot, summed per rank.
+
+    Only samples of a slot's *own* run are counted, so summed over every slot and rank each
+    unreadable sample of the epoch is counted once (refill reads of other slots' samples are not).
+    """
 
     samples: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
-    shards_with_errors: list[str] = field(default_factory=list)
+    by_shard: dict[str, dict[str, int]] = field(default_factory=dict)  # shard URL -> reason -> samples
+
+    @property
+    def shards_with_errors(self) -> list[str]:
+        return sorted(self.by_shard)
+
+    def count(self, reason: str, shard_url: str) -> None:
+        self.samples += 1
+        self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
+        shard = self.by_shard.setdefault(shard_url, {})
+        shard[reason] = shard.get(reason, 0) + 1
 
     def add(self, other: "SkipStats") -> None:
         self.samples += other.samples
         for reason, n in other.by_reason.items():
             self.by_reason[reason] = self.by_reason.get(reason, 0) + n
-        self.shards_with_errors = sorted(set(self.shards_with_errors) | set(other.shards_with_errors))
+        for url, reasons in other.by_shard.items():
+            mine = self.by_shard.setdefault(url, {})
+            for reason, n in reasons.items():
+                mine[reason] = mine.get(reason, 0) + n
+
+    def to_dict(self) -> dict:
+        return {"samples": self.samples, "by_reason": dict(self.by_reason),
+                "by_shard": {url: dict(reasons) for url, reasons in self.by_shard.items()}}
+
+    @staticmethod
+    def from_dict(raw: dict) -> "SkipStats":
+        return SkipStats(raw["samples"], dict(raw["by_reason"]), {u: dict(r) for u, r in raw["by_shard"].items()})
+
+
+def merge_skip_stats(stats: list[dict]) -> dict:
+    """Sum :meth:`StreamingReader.skip_stats` of several ranks (e.g. from ``all_gather_object``)."""
+    total, damaged = SkipStats(), {}
+    for one in stats:
+        total.add(SkipStats.from_dict(one))
+        damaged.update(one.get("damaged_shards", {}))
+    return {**total.to_dict(), "damaged_shards": damaged}
 
 
 @dataclass
 class SlotState:
     """How far one slot has got in the current epoch."""
 
-    cursor: int = 0  # positions processed (read or skipped), counting over passes
+    cursor: int = 0  # positions processed (read or skipped) along the slot's extended run
     emitted: int = 0  # samples put into batches
     batches: int = 0
     skipped: SkipStats = field(default_factory=SkipStats)
 
+    def to_dict(self) -> dict:
+        return {"cursor": self.cursor, "emitted": self.emitted, "batches": self.batches, "skipped": self.skipped.to_dict()}
+
     @staticmethod
     def from_dict(raw: dict) -> "SlotState":
-        return SlotState(raw["cursor"], raw["emitted"], raw["batches"], SkipStats(**raw["skipped"]))
+        return SlotState(raw["cursor"], raw["emitted"], raw["batches"], SkipStats.from_dict(raw["skipped"]))
 
 
 class DatasetIndex:
-    """Sample counts and offsets of every shard, loaded (or scanned) once per process."""
+    """Sample counts and offsets of every shard, loaded (or scanned) once per process.
+
+    A shard whose sidecar index is malformed or stale is scanned instead; a shard found damaged by
+    the scan keeps the samples before the damage. Either way ``problems`` names the shard and the
+    reason (and a warning says so): one bad shard never stops a run.
+    """
 
     def __init__(self, urls: list[str], storage_options: dict | None = None, threads: int = 16):
         self.urls = urls
@@ -152,12 +210,17 @@ class DatasetIndex:
 
         with ThreadPoolExecutor(max_workers=min(threads, len(urls))) as pool:
             self.shards: list[ShardIndex] = list(pool.map(load, urls))
+        self.problems: dict[str, str] = {}  # shard URL -> what is wrong with it
         for shard in self.shards:
-            if shard.error:
-                log.warning("shard %s is damaged: only its first %d samples are readable (%s)", shard.url, len(shard), shard.error)
+            reasons = [r for r in (shard.note, shard.error and f"damaged: only its first {len(shard)} samples are "
+                                                                 f"readable ({shard.error})") if r]
+            if reasons:
+                self.problems[shard.url] = "; ".join(reasons)
+                log.warning("shard %s: %s", shard.url, self.problems[shard.url])
         self.counts = tuple(len(s) for s in self.shards)
         if sum(self.counts) == 0:
-            raise ValueError(f"no samples in {len(urls)} shard(s) starting with {urls[0]}")
+            raise ValueError(f"no samples in {len(urls)} shard(s) starting with {urls[0]}"
+                             + (f" (problems: {self.problems})" if self.problems else ""))
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
@@ -195,18 +258,33 @@ class _SlotStream(torch.utils.data.IterableDataset):
         logical = (worker + self.rotation) % self.workers
         slot = self.rank * self.workers + logical
         state = self.slot_states.get(slot) or SlotState()
-        yield from self._batches(slot, state)
+        self._pool = None  # parallel ranged GETs of one block (object stores)
+        self._ahead = ThreadPoolExecutor(max_workers=1)  # reads the next block while this one is decoded
+        try:
+            yield from self._batches(slot, SlotState.from_dict(state.to_dict()))
+        finally:
+            self._ahead.shutdown(wait=False, cancel_futures=True)
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
+
+    def _fetch_block(self, slot: int, cursor: int) -> tuple[int, np.ndarray, dict]:
+        start, block = self.plan.block(slot, cursor)
+        return start, block, self._read_positions(block)
 
     def _batches(self, slot: int, state: SlotState) -> Iterator[tuple["_PackedBatch", int, SlotState]]:
         config, plan = self.config, self.plan
-        positions = plan.slot_positions(slot)
-        run_length = len(positions)
+        own, universe = plan.samples_per_slot, plan.num_samples
         sizes = plan.batch_sizes()
         warn = _RateLimitedWarning(config.warn_every_s)
-        loaded_block, block_data = None, {}
+        block_start, block, block_data = 0, np.zeros(0, dtype=np.int64), {}
+        ahead = None  # (cursor, future) of the block after the current one
         since_last_emit = 0
-        needed = config.context_views_max + config.target_views
         while state.batches < len(sizes):
+            # Read the next block while this one is decoded; started after a batch is out, so that
+            # it never delays the first batch.
+            following = block_start + len(block)
+            if len(block) and (ahead is None or ahead[0] != following):
+                ahead = (following, self._ahead.submit(self._fetch_block, slot, following))
             # The number of context views depends only on the rank-level batch number, not on the
             # rank: every rank's n-th batch has the same k, so ranks run the same computation
             # (ZeRO-3 gathers parameters per module call: diverging calls would deadlock).
@@ -215,130 +293,199 @@ class _SlotStream(torch.utils.data.IterableDataset):
             k = int(k_rng.integers(config.context_views_min, config.context_views_max + 1))
             rng = np.random.default_rng([config.seed, plan.epoch, slot, state.batches, 0x71E])  # which views
             pending: list[_LoadedObject] = []
+            owners: list[tuple[bool, str]] = []  # (own sample?, shard URL) of each pending object
             while len(pending) < sizes[state.batches]:
-                if since_last_emit >= run_length:
-                    raise RuntimeError(f"reader slot {slot}: none of its {run_length} samples is readable "
-                                       f"({state.skipped.by_reason})")
-                within = state.cursor % run_length
-                block = within // config.shuffle_block_objects
-                if block != loaded_block:
-                    start = block * config.shuffle_block_objects
-                    block_data = self._read_positions(positions[start:start + config.shuffle_block_objects])
-                    loaded_block = block
-                item = block_data[int(positions[within])]
+                if since_last_emit >= universe:
+                    problems = {**self.index.problems, **{u: str(r) for u, r in state.skipped.by_shard.items()}}
+                    raise RuntimeError(f"reader slot {slot}: none of the {universe} samples of epoch {plan.epoch} is "
+                                       f"readable (shards with problems: {problems})")
+                if not block_start <= state.cursor < block_start + len(block):
+                    # Memory: this block and the next one, encoded (2 x shuffle_block_objects samples).
+                    if ahead is not None and ahead[0] == state.cursor:
+                        block_start, block, block_data = ahead[1].result()
+                    else:
+                        block_start, block, block_data = self._fetch_block(slot, state.cursor)
+                item = block_data[int(block[state.cursor - block_start])]
+                mine = state.cursor < own  # skips of the slot's own samples are counted; refills' are not
                 state.cursor += 1
                 since_last_emit += 1
-                if isinstance(item, ObjectSample):
-                    if item.num_views < needed:
-                        item = _tag(SampleError(f"object {item.object_id} has {item.num_views} views; the reader "
-                                                f"needs context_views_max + target_views = {needed}"), "too few views", None)
-                    else:
-                        chosen = rng.permutation(item.num_views)[:k + config.target_views]
-                        try:
-                            loaded = self._load_object(item, chosen[:k], chosen[k:])
-                            if pending and loaded.image_shape != pending[0].image_shape:
-                                raise SampleError(f"{item.object_id}: views are {loaded.image_shape}, others in the batch "
-                                                  f"{pending[0].image_shape}; set ReaderConfig.resolution")
-                            pending.append(loaded)
-                            state.emitted += 1
-                            since_last_emit = 0
-                            continue
-                        except SampleError as error:
-                            item = error if hasattr(error, "reason") else _tag(error, "undecodable image", None)
-                if state.cursor <= run_length:  # count each bad sample once, not again on refill passes
+                if not isinstance(item, Exception):
+                    try:
+                        loaded = self._load_object(item, rng, k)
+                        if pending and loaded.image_shape != pending[0].image_shape:
+                            raise _tag(SampleError(f"{loaded.object_id}: views are {loaded.image_shape}, others in the "
+                                                   f"batch {pending[0].image_shape}; set ReaderConfig.resolution"),
+                                       "image size differs", item[0].url)
+                        pending.append(loaded)
+                        owners.append((mine, item[0].url))
+                        state.emitted += 1
+                        since_last_emit = 0
+                        if len(pending) == sizes[state.batches]:
+                            # Cameras are checked once per batch (one vectorised check); a bad one
+                            # drops its object and the batch fills up again.
+                            for bad in reversed(_bad_cameras(pending)):
+                                error = _bad_camera_error(pending[bad])
+                                if owners[bad][0]:
+                                    self._count_skip(state, _tag(error, "bad camera", owners[bad][1]), warn)
+                                del pending[bad], owners[bad]
+                                state.emitted -= 1
+                        continue
+                    except SampleError as error:
+                        item = error
+                if mine:
                     self._count_skip(state, item, warn)
             state.batches += 1
-            yield _collate(pending), slot, SlotState.from_dict(asdict(state))
+            yield _collate(pending), slot, SlotState.from_dict(state.to_dict())
 
     def _count_skip(self, state: SlotState, error: Exception, warn: _RateLimitedWarning) -> None:
         reason = getattr(error, "reason", None) or type(error).__name__
-        state.skipped.samples += 1
-        state.skipped.by_reason[reason] = state.skipped.by_reason.get(reason, 0) + 1
-        url = getattr(error, "shard_url", None)
-        if url and url not in state.skipped.shards_with_errors:
-            state.skipped.shards_with_errors.append(url)
-        warn(f"skipped a sample: {error}")
+        url = getattr(error, "shard_url", None) or "(unknown shard)"
+        state.skipped.count(reason, url)
+        warn(f"skipped a sample of {url} ({reason}): {error}")
 
-    def _read_positions(self, positions: np.ndarray) -> dict[int, ObjectSample | Exception]:
-        """Read the samples at these epoch positions: one sequential read per run inside a shard."""
-        ordered = np.unique(positions)
+    def _read_positions(self, positions: np.ndarray) -> dict[int, tuple | Exception]:
+        """The samples at these epoch positions, still encoded: one ranged read per run inside a shard."""
+        ordered = np.sort(positions)
         shard_ids, local_ids = self.plan.locate(ordered)
-        out: dict[int, ObjectSample | Exception] = {}
-        start = 0
-        while start < len(ordered):
-            end = start + 1
-            while end < len(ordered) and shard_ids[end] == shard_ids[start] and local_ids[end] == local_ids[end - 1] + 1:
-                end += 1
-            shard = self.index.shards[int(shard_ids[start])]
-            run = ordered[start:end]
-            out.update(self._read_run(shard, int(local_ids[start]), [int(p) for p in run]))
-            start = end
+        breaks = np.flatnonzero((np.diff(shard_ids) != 0) | (np.diff(local_ids) != 1)) + 1
+        runs = [(int(shard_ids[s]), int(local_ids[s]), ordered[s:e].tolist())
+                for s, e in zip(np.r_[0, breaks], np.r_[breaks, len(ordered)])]
+        remote = not storage.is_local(self.index.shards[runs[0][0]].url)
+        if remote and len(runs) > 1:  # object stores: the runs' ranged GETs in parallel
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=8)
+            results = list(self._pool.map(lambda run: self._read_run(*run), runs))
+        else:
+            results = [self._read_run(*run) for run in runs]
+        out: dict[int, tuple | Exception] = {}
+        for result in results:
+            out.update(result)
         return out
 
-    def _read_run(self, shard: ShardIndex, first: int, positions: list[int]) -> dict[int, ObjectSample | Exception]:
-        out: dict[int, ObjectSample | Exception] = {}
-        got = 0
+    def _read_run(self, shard_id: int, first: int, positions: list[int]) -> dict[int, tuple | Exception]:
+        shard = self.index.shards[shard_id]
+        out: dict[int, tuple | Exception] = {}
         try:
-            for key, _, members in read_sample_range(shard.url, shard, first, len(positions), self.config.storage_options):
-                if got == len(positions):
-                    break
-                position = positions[got]
-                expected = shard.keys[first + got]
-                if key != expected:
-                    raise tarfile.ReadError(f"found sample {key!r} where the index has {expected!r}")
-                try:
-                    # Cameras are checked only for the views the batch uses (in _load_object):
-                    # checking all of them is the validator's job, and costs as much as a decode.
-                    out[position] = parse_sample(key, members, check_cameras=False)
-                except SampleError as error:
-                    out[position] = _tag(error, "bad sample", shard.url)
-                got += 1
-        except (tarfile.TarError, EOFError, OSError, ValueError) as error:
-            message = f"{shard.url}: unreadable from sample {first + got} ({type(error).__name__}: {error})"
-            for position in positions[got:]:
+            raw = read_raw_range(shard.url, shard, first, len(positions), self.config.storage_options)
+        except (OSError, ValueError) as error:
+            message = f"{shard.url}: cannot read samples {first}..{first + len(positions) - 1} ({storage.explain_storage_error(shard.url, error)})"
+            return {p: _tag(SampleError(message), "unreadable shard", shard.url) for p in positions}
+        damage = None  # once set, the rest of the run is lost
+        for got, position in enumerate(positions):
+            expected = shard.keys[first + got]
+            if damage is None and got < len(raw.groups) and raw.groups[got][0] != expected:
+                damage = f"found sample {raw.groups[got][0]!r} where the index has {expected!r} (an index of another shard?)"
+            if damage is None and got >= len(raw.groups):
+                damage = raw.damage or "the shard is shorter than its index"
+            if damage is not None:
+                # (a sample cut short is still parsed above: its missing members make it a "bad sample")
+                message = f"{shard.url}: sample {first + got} ({expected}) is unreadable: {damage}"
                 out[position] = _tag(SampleError(message), "damaged shard", shard.url)
-        for position in positions[got:]:  # the shard ended before the index said it would
-            out.setdefault(position, _tag(SampleError(f"{shard.url}: shorter than its index"), "damaged shard", shard.url))
+            else:
+                out[position] = (raw, raw.groups[got][0], raw.groups[got][1])
         return out
 
-    def _load_view(self, sample: ObjectSample, view: int) -> tuple[np.ndarray, np.ndarray]:
-        rgb = decode_image(sample.images[view], sample.width, sample.height, where=f"{sample.object_id} view {view}")
-        mask = None
-        if self.config.masks:
-            mask = decode_mask(sample.masks[view], sample.width, sample.height, where=f"{sample.object_id} mask {view}")
-        K = sample.intrinsics[view]
-        if self.config.resolution is not None and self.config.resolution != sample.width:
-            width = self.config.resolution
-            height = max(1, round(sample.height * width / sample.width))
-            rgb = np.asarray(Image.fromarray(rgb).resize((width, height), Image.BILINEAR))
-            if mask is not None:
-                mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.BILINEAR))
-            K = scale_intrinsics(K, width / sample.width, height / sample.height)
-        if mask is not None:  # the mask travels as a 4th channel until _collate splits it off
-            rgb = np.concatenate([rgb, mask[..., None]], axis=-1)
-        return rgb, K
-
-    def _load_object(self, sample: ObjectSample, context: np.ndarray, target: np.ndarray) -> "_LoadedObject":
-        """Decode (and resize) only the chosen views; raises SampleError for an undecodable one."""
-        chosen = np.concatenate([context, target])
-        if self.config.box_half_size is not None:
-            if not hasattr(self, "_box_fit"):
-                self._box_fit = BoxFitWarner(self.config.box_half_size)
-            self._box_fit(sample)
+    def _load_object(self, item: tuple, rng: np.random.Generator, k: int) -> "_LoadedObject":
+        """Parse the metadata and decode (and resize) only the chosen views; raises a tagged SampleError."""
+        raw, key, members = item
+        config = self.config
+        needed = config.context_views_max + config.target_views
+        meta = _parse_meta(key, raw, members)
+        views = meta["views"]
+        if len(views) < needed:
+            raise _tag(SampleError(f"object {key} has {len(views)} views; the reader needs context_views_max + "
+                                   f"target_views = {needed}"), "too few views", raw.url)
+        chosen = rng.permutation(len(views))[:k + config.target_views]
         try:
-            check_cameras(sample.intrinsics[chosen], sample.c2w[chosen], where=f"object {sample.object_id} views {chosen.tolist()}")
-        except CameraError as error:
-            raise _tag(SampleError(str(error)), "bad camera", None) from None
-        if self.config.masks and sample.masks is None:
-            raise _tag(SampleError(f"object {sample.object_id} has no masks (ReaderConfig.masks is set)"), "no masks", None)
+            width, height = int(meta["width"]), int(meta["height"])
+            picked = [views[int(v)] for v in chosen]
+            K = np.array([v["K"] for v in picked], dtype=np.float64).reshape(len(chosen), 3, 3)
+            c2w = np.array([v["c2w"] for v in picked], dtype=np.float64).reshape(len(chosen), 4, 4)
+            names = [str(v["name"]) for v in picked]
+            mask_names = [v.get("mask") for v in picked]  # schema v1: "mask" only when the sample has masks
+            background = tuple(float(c) for c in meta.get("background", (1.0, 1.0, 1.0)))
+        except (KeyError, TypeError, ValueError) as error:
+            raise _tag(SampleError(f"sample {key!r}: malformed {META_SUFFIX} field ({type(error).__name__}: {error})"),
+                       "bad sample", raw.url) from None
+        object_id = str(meta.get("object_id", key))
+        if config.box_half_size is not None:  # only the chosen cameras: the validator checks them all
+            if not hasattr(self, "_box_fit"):
+                self._box_fit = BoxFitWarner(config.box_half_size)
+            self._box_fit(SimpleNamespace(object_id=object_id, extra=meta.get("extra") or {}, intrinsics=K, c2w=c2w,
+                                          width=width, height=height))
+        rgb = []
+        for view, name, mask_name in zip(chosen, names, mask_names):
+            span = members.get(name)
+            if span is None:
+                raise _tag(SampleError(f"sample {key!r}: view file {key}.{name} is missing from the shard"), "bad sample", raw.url)
+            try:
+                image = decode_image(span_bytes(raw.buffer, span), width, height, where=f"{object_id} view {int(view)}")
+                if config.masks:  # the mask travels as a 4th channel until _collate splits it off
+                    mask_span = members.get(mask_name) if mask_name else None
+                    if mask_span is None:
+                        raise _tag(SampleError(f"object {object_id} has no mask for view {int(view)} (ReaderConfig.masks "
+                                               f"is set)"), "no masks", raw.url)
+                    mask = decode_mask(span_bytes(raw.buffer, mask_span), width, height, where=f"{object_id} mask {int(view)}")
+                    image = np.concatenate([image, mask[..., None]], axis=-1)
+                rgb.append(image)
+            except SampleError as error:
+                if getattr(error, "reason", None):
+                    raise
+                raise _tag(error, "undecodable image", raw.url) from None
+        if config.resolution is not None and config.resolution != width:
+            out_w = config.resolution
+            out_h = max(1, round(height * out_w / width))
+            rgb = [np.asarray(Image.fromarray(im).resize((out_w, out_h), Image.BILINEAR)) for im in rgb]
+            K = K.copy()  # scale_intrinsics, for a stack of cameras
+            K[:, 0, :] *= out_w / width
+            K[:, 1, :] *= out_h / height
+        images = np.stack(rgb) if rgb else None
+        return _LoadedObject(object_id, background, chosen[:k], chosen[k:],
+                             images[:k] if k else None, K[:k], c2w[:k],
+                             images[k:] if len(chosen) > k else None, K[k:], c2w[k:])
 
-        def views(indices: np.ndarray):
-            loaded = [self._load_view(sample, int(v)) for v in indices]
-            if not loaded:
-                return None, np.zeros((0, 3, 3)), np.zeros((0, 4, 4))
-            return np.stack([rgb for rgb, _ in loaded]), np.stack([K for _, K in loaded]), sample.c2w[indices]
 
-        return _LoadedObject(sample.object_id, sample.background, context, target, *views(context), *views(target))
+def _bad_cameras(items: list["_LoadedObject"]) -> list[int]:
+    """Indices of the objects whose chosen cameras are invalid (one vectorised check for the batch)."""
+    K = np.concatenate([np.concatenate([item.context_K, item.target_K]) for item in items])
+    c2w = np.concatenate([np.concatenate([item.context_c2w, item.target_c2w]) for item in items])
+    try:
+        check_cameras(K, c2w, where="batch")
+        return []
+    except CameraError:
+        return [i for i, item in enumerate(items) if _bad_camera_error(item) is not None]
+
+
+def _bad_camera_error(item: "_LoadedObject") -> SampleError | None:
+    views = np.concatenate([item.context_views, item.target_views])
+    try:
+        check_cameras(np.concatenate([item.context_K, item.target_K]), np.concatenate([item.context_c2w, item.target_c2w]),
+                      where=f"object {item.object_id} views {views.tolist()}")
+        return None
+    except CameraError as error:
+        return SampleError(str(error))
+
+
+def _parse_meta(key: str, raw: RawRange, members: dict[str, int]) -> dict:
+    """The sample's meta.json (schema v1), parsed with orjson; raises a tagged SampleError.
+
+    The same checks as schema.parse_sample, but nothing is converted until a view is chosen:
+    arrays are built for the few views a batch uses, not for all of them.
+    """
+    span = members.get(META_SUFFIX)
+    if span is None:
+        raise _tag(SampleError(f"sample {key!r}: missing {META_SUFFIX}"), "bad sample", raw.url)
+    try:
+        meta = orjson.loads(span_bytes(raw.buffer, span))
+    except orjson.JSONDecodeError as error:
+        raise _tag(SampleError(f"sample {key!r}: {META_SUFFIX} is not valid JSON ({error})"), "bad sample", raw.url) from None
+    if not isinstance(meta, dict) or meta.get("schema_version") != SCHEMA_VERSION:
+        version = meta.get("schema_version") if isinstance(meta, dict) else None
+        raise _tag(SampleError(f"sample {key!r}: schema_version {version!r} is not supported (this reader knows "
+                               f"{SCHEMA_VERSION})"), "bad sample", raw.url)
+    if not isinstance(meta.get("views"), list):
+        raise _tag(SampleError(f"sample {key!r}: malformed {META_SUFFIX} field (views)"), "bad sample", raw.url)
+    return meta
 
 
 @dataclass
@@ -403,21 +550,20 @@ def _collate(items: list[_LoadedObject]) -> _PackedBatch:
         size = int(np.prod(shape))
         parts[name] = buffer[start:start + size].reshape(shape)
         start += size
-    for i, item in enumerate(items):
+    scale = np.float32(255.0)
+    for i, item in enumerate(items):  # uint8 HWC -> float32 CHW in [0, 1], in one pass
         if k:
-            parts["context_images"][i] = item.context_rgb[..., :3].transpose(0, 3, 1, 2)
+            np.divide(item.context_rgb[..., :3].transpose(0, 3, 1, 2), scale, out=parts["context_images"][i])
         if m:
-            parts["target_images"][i] = item.target_rgb[..., :3].transpose(0, 3, 1, 2)
+            np.divide(item.target_rgb[..., :3].transpose(0, 3, 1, 2), scale, out=parts["target_images"][i])
         if masks and k:
-            parts["context_masks"][i] = item.context_rgb[..., 3:].transpose(0, 3, 1, 2)
+            np.divide(item.context_rgb[..., 3:].transpose(0, 3, 1, 2), scale, out=parts["context_masks"][i])
         if masks and m:
-            parts["target_masks"][i] = item.target_rgb[..., 3:].transpose(0, 3, 1, 2)
+            np.divide(item.target_rgb[..., 3:].transpose(0, 3, 1, 2), scale, out=parts["target_masks"][i])
         parts["context_K"][i], parts["context_c2w"][i] = item.context_K, item.context_c2w
         parts["target_K"][i], parts["target_c2w"][i] = item.target_K, item.target_c2w
         parts["background"][i] = item.background
         parts["context_view_indices"][i], parts["target_view_indices"][i] = item.context_views, item.target_views
-    images_end = count * (k + m) * (4 if masks else 3) * height * width  # images (and masks) come first
-    np.divide(buffer[:images_end], np.float32(255.0), out=buffer[:images_end])
     return _PackedBatch(torch.from_numpy(buffer), layout, [item.object_id for item in items])
 
 
@@ -452,7 +598,8 @@ class StreamingReader:
             counts=self.index.counts, seed=self.config.seed, epoch=self.epoch if epoch is None else epoch,
             num_slots=self.world_size * self.workers, batch_size=self.config.batch_size,
             shuffle=self.config.shuffle, drop_last=self.config.drop_last,
-            block_size=self.config.shuffle_block_objects, subset=self._subset if subset is None else subset,
+            block_size=self.config.shuffle_block_objects, piece_size=self.config.piece_size,
+            subset=self._subset if subset is None else subset,
         )
 
     def __len__(self) -> int:
@@ -466,6 +613,12 @@ class StreamingReader:
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its beginning (forgets any mid-epoch position)."""
         self.epoch, self.batches_consumed, self._subset, self._slot_states = epoch, 0, None, {}
+
+    def skip_stats(self) -> dict:
+        """What this rank has skipped so far (all epochs, all loader workers): samples, by reason, by
+        shard URL and reason, and ``damaged_shards`` (URL -> reason) found while indexing. JSON-ready;
+        sum the ranks' with :func:`merge_skip_stats`."""
+        return {**self.skipped.to_dict(), "damaged_shards": dict(self.index.problems)}
 
     @property
     def skipped(self) -> SkipStats:
@@ -510,12 +663,12 @@ class StreamingReader:
             "fingerprint": self.index.fingerprint(),
             "seed": self.config.seed, "batch_size": self.config.batch_size,
             "shuffle": self.config.shuffle, "drop_last": self.config.drop_last,
-            "block_size": self.config.shuffle_block_objects,
+            "block_size": self.config.shuffle_block_objects, "piece_size": self.config.piece_size,
             "rank": self.rank, "world_size": self.world_size, "workers": self.workers,
             "epoch": self.epoch, "batches_consumed": self.batches_consumed,
             "subset": _ranges(self._subset) if self._subset is not None else None,
-            "slots": {str(slot): asdict(state) for slot, state in self._slot_states.items()},
-            "finished_skips": asdict(self._finished_skips),
+            "slots": {str(slot): state.to_dict() for slot, state in self._slot_states.items()},
+            "finished_skips": self._finished_skips.to_dict(),
         }
 
     def load_state_dict(self, state: dict | list[dict]) -> None:
@@ -529,10 +682,13 @@ class StreamingReader:
         states = state if isinstance(state, list) else [state]
         first = states[0]
         if first.get("version") != STATE_VERSION:
-            raise ValueError(f"reader state version {first.get('version')!r} is not supported (expected {STATE_VERSION})")
+            raise ValueError(f"reader state version {first.get('version')!r} is not supported (expected {STATE_VERSION}; "
+                             f"version 1 states come from the reader before shard pieces: call set_epoch() to start "
+                             f"the next epoch fresh)")
         for name, mine in (("fingerprint", self.index.fingerprint()), ("seed", self.config.seed),
                            ("batch_size", self.config.batch_size), ("shuffle", self.config.shuffle),
-                           ("drop_last", self.config.drop_last), ("block_size", self.config.shuffle_block_objects)):
+                           ("drop_last", self.config.drop_last), ("block_size", self.config.shuffle_block_objects),
+                           ("piece_size", self.config.piece_size)):
             if first[name] != mine:
                 what = "the shard list or its contents changed" if name == "fingerprint" else f"{name} changed"
                 raise ValueError(f"cannot resume the reader: {what} since the state was saved "
@@ -559,7 +715,7 @@ class StreamingReader:
         self.epoch, self.batches_consumed = state["epoch"], state["batches_consumed"]
         self._subset = _unranges(state["subset"]) if state["subset"] is not None else None
         self._slot_states = {int(slot): SlotState.from_dict(raw) for slot, raw in state["slots"].items()}
-        self._finished_skips = SkipStats(**state["finished_skips"])
+        self._finished_skips = SkipStats.from_dict(state["finished_skips"])
 
     def _restore_elastic(self, states: list[dict]) -> None:
         first = states[0]
@@ -567,7 +723,8 @@ class StreamingReader:
         old_plan = EpochPlan(
             counts=self.index.counts, seed=first["seed"], epoch=first["epoch"],
             num_slots=first["world_size"] * first["workers"], batch_size=first["batch_size"],
-            shuffle=first["shuffle"], drop_last=first["drop_last"], block_size=first["block_size"], subset=old_subset,
+            shuffle=first["shuffle"], drop_last=first["drop_last"], block_size=first["block_size"],
+            piece_size=first["piece_size"], subset=old_subset,
         )
         cursors = {int(slot): raw["cursor"] for s in states for slot, raw in s["slots"].items()}
         remaining = remaining_positions(old_plan, cursors)
@@ -575,9 +732,9 @@ class StreamingReader:
         self._finished_skips = SkipStats()
         for s in states:  # the skips of the old ranks are accounted once, on the new rank 0
             if self.rank == 0:
-                self._finished_skips.add(SkipStats(**s["finished_skips"]))
+                self._finished_skips.add(SkipStats.from_dict(s["finished_skips"]))
                 for raw in s["slots"].values():
-                    self._finished_skips.add(SkipStats(**raw["skipped"]))
+                    self._finished_skips.add(SkipStats.from_dict(raw["skipped"]))
         self._subset = remaining
         try:
             self._plan()
@@ -600,3 +757,24 @@ def _ranges(values: tuple[int, ...]) -> list[list[int]]:
 
 def _unranges(ranges: list[list[int]]) -> tuple[int, ...]:
     return tuple(v for start, stop in ranges for v in range(start, stop))
+
+
+def skip_metrics(stats: dict) -> dict[str, float]:
+    """Flat float metrics (for metrics.jsonl / TensorBoard) from :func:`merge_skip_stats` output:
+    ``skipped_samples``, ``skipped/<reason>``, ``skipped_shard/<url>`` and ``damaged_shards``."""
+    out = {"skipped_samples": float(stats["samples"]), "damaged_shards": float(len(stats.get("damaged_shards", {})))}
+    out.update({f"skipped/{reason}": float(n) for reason, n in sorted(stats["by_reason"].items())})
+    out.update({f"skipped_shard/{url}": float(sum(r.values())) for url, r in sorted(stats["by_shard"].items())})
+    return out
+
+
+def skip_summary(stats: dict) -> str:
+    """One line for the end of a run: what was skipped, why, and where."""
+    if not stats["samples"] and not stats.get("damaged_shards"):
+        return "data: no samples skipped"
+    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(stats["by_reason"].items())) or "none"
+    worst = sorted(stats["by_shard"].items(), key=lambda item: -sum(item[1].values()))[:5]
+    shards = "; ".join(f"{url}: {sum(r.values())}" for url, r in worst)
+    damaged = "; ".join(f"{url}: {reason}" for url, reason in sorted(stats.get("damaged_shards", {}).items()))
+    return (f"data: skipped {stats['samples']} samples ({reasons}) in {len(stats['by_shard'])} shard(s)"
+            + (f" [{shards}]" if shards else "") + (f"; damaged shards: {damaged}" if damaged else ""))

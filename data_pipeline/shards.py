@@ -9,12 +9,15 @@ Shards written by other tools have no index; :func:`load_or_build_index` scans t
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
 import tarfile
 from dataclasses import dataclass
 from typing import Iterator
+
+import numpy as np
 
 from data_pipeline import storage
 from data_pipeline.schema import ObjectSample
@@ -32,6 +35,7 @@ class ShardIndex:
     offsets: tuple[int, ...]  # byte offset of each sample's first tar header
     num_bytes: int
     error: str | None = None  # set when a scan stopped early at corrupt or truncated data
+    note: str | None = None  # why the sidecar index was not used, when it was not
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -124,44 +128,186 @@ def write_index(index: ShardIndex, storage_options: dict | None = None) -> None:
 
 def _group_key(name: str) -> tuple[str, str]:
     """webdataset's rule: the key is everything before the first dot of the basename."""
+    if "/" not in name:  # the common case, without os.path's overhead (the reader calls this per member)
+        key, _, suffix = name.partition(".")
+        return key, suffix.lower()
     directory, base = os.path.split(name)
     key, _, suffix = base.partition(".")
     return os.path.join(directory, key) if directory else key, suffix.lower()
 
 
-def iter_tar_groups(fileobj, start_offset: int = 0) -> Iterator[tuple[str, int, dict[str, bytes]]]:
+class TarDamage(tarfile.ReadError):
+    """Truncated or garbled tar data; the message gives the byte offset where it starts."""
+
+
+_ZERO_BLOCK = bytes(512)
+_CHUNK = 1 << 22  # bytes read at a time when streaming a shard from a file object
+
+
+def span_bytes(buffer: bytes, span: int) -> bytes:
+    """The bytes of a member: a span is ``start << 32 | size``, start counted in ``buffer``.
+
+    A plain int, so a sample's dict of members holds nothing the garbage collector must track
+    while a block of samples waits to be used.
+    """
+    start = span >> 32
+    return buffer[start:start + (span & 0xFFFFFFFF)]
+
+
+def _parse_members(buffer: bytes, base: int, final: bool) -> tuple[list[tuple[str, int, int]], int, str | None, bool]:
+    """Parse the tar members of ``buffer`` (which starts at byte ``base`` of the shard).
+
+    The one tar parser of the project (the reader's ranged reads; scan and validate through
+    :func:`iter_tar_groups`). Cheaper than ``tarfile`` for many small members (header checksums
+    are checked together, vectorised) and stricter: ``tarfile`` ends an archive silently at a
+    garbled header or at a cut on a member boundary; here both are damage, with the byte offset.
+    Handles ustar, pax and GNU long names.
+
+    Returns (members as (name, header offset in the shard, span), bytes consumed, damage, ended):
+    without ``final``, parsing stops before a member that does not fit whole (more data follows);
+    ``ended`` says an end-of-archive block was met.
+    """
+    members, headers = [], []
+    pos, size_of, damage, ended = 0, len(buffer), None, False
+    long_name, long_name_at = None, 0
+    while True:
+        if pos + 512 > size_of:
+            if final and pos < size_of:
+                damage = f"truncated tar header at byte {base + pos}"
+            break
+        if buffer[pos] == 0 and buffer[pos:pos + 512] == _ZERO_BLOCK:  # end-of-archive marker
+            ended = True
+            break
+        field = buffer[pos + 124:pos + 136]
+        try:
+            size = int.from_bytes(field[1:], "big") if field[0] & 0x80 else int(field.strip(b" \0") or b"0", 8)
+        except ValueError:
+            damage = f"garbled tar member header at byte {base + pos} (size field {field!r})"
+            break
+        data_at = pos + 512
+        end = data_at + (size + 511) // 512 * 512
+        if data_at + size > size_of:
+            if final:
+                damage = f"tar member at byte {base + pos} is truncated (the shard ends inside its {size} bytes)"
+            break
+        headers.append(pos)
+        kind = buffer[pos + 156]
+        if kind in (0x78, 0x4C):  # "x": pax extended header / "L": GNU long name; they name the next member
+            raw = buffer[data_at:data_at + size]
+            long_name = _pax_path(raw) if kind == 0x78 else raw.rstrip(b"\0").decode("utf-8", "replace")
+            long_name_at = pos
+        elif kind in (0x30, 0, 0x37):  # regular files ("0", NUL, "7"); directories, links etc. carry no data
+            if long_name is not None:
+                name, at = long_name, long_name_at
+            else:
+                name = buffer[pos:pos + 100].split(b"\0", 1)[0].decode("utf-8", "replace")
+                if buffer[pos + 257:pos + 262] == b"ustar" and buffer[pos + 345] != 0:
+                    name = buffer[pos + 345:pos + 500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
+                at = pos
+            members.append((name, base + at, data_at << 32 | size))
+            long_name = None
+        else:
+            long_name = None
+        pos = min(end, size_of)
+    bad = _first_bad_checksum(buffer, headers)
+    if bad is not None:
+        at = headers[bad]
+        members = [m for m in members if m[2] >> 32 < at]
+        while members and members[-1][1] - base >= at:  # a member named by a garbled pax header
+            members.pop()
+        return members, at, f"garbled tar member header at byte {base + at} (bad checksum)", False
+    return members, pos, damage, ended
+
+
+def _first_bad_checksum(buffer: bytes, headers: list[int]) -> int | None:
+    """Index in ``headers`` of the first header whose checksum is wrong, or None (vectorised)."""
+    if not headers:
+        return None
+    starts = np.asarray(headers)
+    if not (starts % 512).any():  # headers sit on 512-byte blocks of the buffer (it starts at a member)
+        blocks = np.frombuffer(buffer, dtype=np.uint8, count=len(buffer) // 512 * 512).reshape(-1, 512)
+        rows = blocks[starts // 512]
+    else:
+        rows = np.frombuffer(buffer, dtype=np.uint8)[starts[:, None] + np.arange(512)]
+    computed = rows.sum(axis=1, dtype=np.int64) - rows[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * 32  # field = 8 spaces
+    # The stored checksum: octal digits, maybe led by spaces or NULs and ended by a NUL and/or a
+    # space ("%06o\0 " from tarfile and GNU tar); anything else in the field makes it wrong.
+    field = rows[:, 148:156]
+    digit = (field >= 48) & (field <= 55)
+    blank = (field == 0) | (field == 32)
+    after = digit[:, ::-1].cumsum(axis=1)[:, ::-1] - digit  # digits to the right of each byte
+    stored = np.where(digit, (field.astype(np.int64) - 48) << (3 * after), 0).sum(axis=1)
+    stored[~(digit | blank).all(axis=1) | ~digit.any(axis=1)] = -1
+    wrong = np.flatnonzero(computed != stored)
+    return int(wrong[0]) if len(wrong) else None
+
+
+def _groups(members, damage: str | None = None) -> Iterator[tuple[str, int, dict]]:
+    """Consecutive members with the same key as (key, offset of its first header, {suffix: data})."""
+    key, offset, group = None, 0, {}
+    for name, at, data in members:
+        member_key, suffix = _group_key(name)
+        if member_key != key:
+            if key is not None:
+                yield key, offset, group
+            key, offset, group = member_key, at, {}
+        group[suffix] = data
+    # The group in progress at damage may be incomplete: it is still handed out (the schema check
+    # finds missing views).
+    if key is not None and group:
+        yield key, offset, group
+
+
+def iter_tar_groups(fileobj, start_offset: int = 0, until_end_marker: bool = True) -> Iterator[tuple[str, int, dict[str, bytes]]]:
     """Yield (key, offset, {suffix: bytes}) for consecutive sample groups, from a byte offset.
 
-    Truncated or corrupt tar data raises ``tarfile.TarError`` / ``EOFError`` / ``OSError`` from
-    the point where it is found; groups before it are yielded normally.
+    Truncated or garbled tar data (a cut inside a member or at a member boundary, a bad header,
+    a zero block in the middle) raises :class:`TarDamage` (a ``tarfile.ReadError``) where it is
+    found, after every group before it has been yielded (the one in progress too: the schema
+    check finds what it lacks).
     """
     if start_offset:
         fileobj.seek(start_offset)
-    key, offset, members = None, 0, {}
+
+    def members() -> Iterator[tuple[str, int, bytes]]:
+        pending, base, want = b"", start_offset, _CHUNK
+        while True:
+            chunk = fileobj.read(want)
+            buffer, final = pending + chunk, not chunk
+            found, consumed, damage, ended = _parse_members(buffer, base, final)
+            for name, at, span in found:
+                yield name, at, span_bytes(buffer, span)
+            if damage:
+                raise TarDamage(damage)
+            if ended:
+                if until_end_marker and buffer[consumed + 512:consumed + 1024] not in (_ZERO_BLOCK, b"") \
+                        and len(buffer) >= consumed + 1024:
+                    raise TarDamage(f"a zero block at byte {base + consumed} in the middle of the archive (garbled member header)")
+                return
+            if final:
+                if until_end_marker:
+                    raise TarDamage(f"the shard ends at byte {base + consumed} with no end-of-archive marker (cut at a member boundary)")
+                return
+            pending, base = buffer[consumed:], base + consumed
+            want = max(_CHUNK, 2 * len(pending))  # a member larger than a chunk: read more at once
+
+    key, offset, group = None, 0, {}
     try:
-        tar = tarfile.open(fileobj=fileobj, mode="r|")
-        for info in tar:
-            if not info.isfile():
-                continue
-            member_key, suffix = _group_key(info.name)
+        for name, at, data in members():
+            member_key, suffix = _group_key(name)
             if member_key != key:
                 # Hand out the finished group before reading on, so damage further along the
                 # shard cannot take it down too.
                 if key is not None:
-                    yield key, offset, members
-                key, offset, members = member_key, start_offset + info.offset, {}
-            data = tar.extractfile(info).read()
-            if len(data) != info.size:
-                raise EOFError(f"member {info.name} is truncated ({len(data)} of {info.size} bytes)")
-            members[suffix] = data
-    except (tarfile.TarError, EOFError, OSError):
-        # The group being read may be incomplete; it is still handed out (the schema check finds
-        # missing views), unless it has no member at all.
-        if key is not None and members:
-            yield key, offset, members
+                    yield key, offset, group
+                key, offset, group = member_key, at, {}
+            group[suffix] = data
+    except TarDamage:
+        if key is not None and group:
+            yield key, offset, group
         raise
     if key is not None:
-        yield key, offset, members
+        yield key, offset, group
 
 
 def scan_index(url: str, storage_options: dict | None = None) -> ShardIndex:
@@ -180,28 +326,58 @@ def scan_index(url: str, storage_options: dict | None = None) -> ShardIndex:
     return ShardIndex(url, tuple(keys), tuple(offsets), fs.size(path), error)
 
 
+class IndexFileError(ValueError):
+    """A sidecar index that cannot be used; the message names the file and the reason."""
+
+
 def read_index(url: str, storage_options: dict | None = None) -> ShardIndex | None:
-    """The shard's saved index, or None when it has none."""
+    """The shard's saved index, or None when it has none; :class:`IndexFileError` when it is malformed."""
+    where = url + INDEX_SUFFIX
     try:
-        with storage.open_url(url + INDEX_SUFFIX, "rb", storage_options) as f:
+        with storage.open_url(where, "rb", storage_options) as f:
             raw = json.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
         return None
-    if raw.get("format") != INDEX_FORMAT or len(raw["keys"]) != len(raw["offsets"]):
-        raise ValueError(f"{url}{INDEX_SUFFIX}: not a valid shard index (format {raw.get('format')!r})")
-    return ShardIndex(url, tuple(raw["keys"]), tuple(int(o) for o in raw["offsets"]), int(raw["num_bytes"]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise IndexFileError(f"{where}: not valid JSON ({error})") from None
+    try:
+        if raw.get("format") != INDEX_FORMAT:
+            raise IndexFileError(f"{where}: not a shard index (format {raw.get('format')!r}, expected {INDEX_FORMAT!r})")
+        if len(raw["keys"]) != len(raw["offsets"]):
+            raise IndexFileError(f"{where}: lists {len(raw['keys'])} keys but {len(raw['offsets'])} offsets")
+        return ShardIndex(url, tuple(str(k) for k in raw["keys"]), tuple(int(o) for o in raw["offsets"]), int(raw["num_bytes"]))
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        if isinstance(error, IndexFileError):
+            raise
+        raise IndexFileError(f"{where}: malformed field ({type(error).__name__}: {error})") from None
 
 
 def load_or_build_index(url: str, storage_options: dict | None = None) -> ShardIndex:
-    index = read_index(url, storage_options)
-    return index if index is not None else scan_index(url, storage_options)
+    """The shard's index: its sidecar when that is usable, else a scan of the shard.
 
-
-def _octal(field: bytes) -> int:
-    field = field.rstrip(b" \0").strip()
-    if field and field[0] & 0x80:  # GNU base-256 for large sizes
-        return int.from_bytes(field[1:], "big")
-    return int(field, 8) if field else 0
+    A malformed sidecar is not trusted: the shard is scanned instead. A sidecar whose byte count is
+    not the shard's size is checked against a scan: when the shard's samples are a prefix of the
+    sidecar's (the shard was truncated, or emptied), the sidecar is kept, so the reader knows
+    exactly which samples are lost and counts them as it meets them; otherwise (another shard's
+    index, a rewritten shard) the scan is used. ``ShardIndex.note`` keeps the reason either way.
+    """
+    try:
+        index = read_index(url, storage_options)
+    except IndexFileError as error:
+        return dataclasses.replace(scan_index(url, storage_options), note=f"{error}; scanned the shard instead")
+    if index is None:
+        return scan_index(url, storage_options)
+    fs, path = storage.filesystem(url, storage_options)
+    size = int(fs.size(path))
+    if size == index.num_bytes:
+        return index
+    scanned = scan_index(url, storage_options)
+    mismatch = f"{url}{INDEX_SUFFIX} says {index.num_bytes} bytes, the shard has {size}"
+    if index.keys[:len(scanned)] == scanned.keys and index.offsets[:len(scanned)] == scanned.offsets:
+        return dataclasses.replace(index, note=f"{mismatch}: truncated; only its first {len(scanned)} of "
+                                               f"{len(index)} samples are certainly complete")
+    return dataclasses.replace(scanned, note=f"{mismatch}, and lists other samples: it does not belong to this "
+                                             f"shard; scanned the shard instead")
 
 
 def _pax_path(records: bytes) -> str | None:
@@ -217,71 +393,46 @@ def _pax_path(records: bytes) -> str | None:
     return None
 
 
-def parse_tar_bytes(buffer: bytes, base_offset: int = 0) -> Iterator[tuple[str, int, dict[str, bytes]]]:
-    """Yield (key, offset, {suffix: bytes}) groups from an in-memory slice of a tar file.
+@dataclass
+class RawRange:
+    """Consecutive samples of one shard, still encoded: one buffer and, per sample, its members' spans."""
 
-    A fast path for the reader: it reads a whole run of samples with one (ranged) read, found
-    from the shard index, and parses the headers here, which is several times cheaper than
-    ``tarfile`` for many small members. Handles ustar, pax and GNU long names; checks header
-    checksums; raises ``tarfile.ReadError`` on damaged or truncated data after yielding every
-    complete group before the damage.
+    url: str
+    buffer: bytes
+    groups: list[tuple[str, dict[str, int]]]  # (key, {suffix: span}); see span_bytes
+    damage: str | None = None  # why the range stops short of what was asked, if it does
+
+
+def read_raw_range(url: str, index: ShardIndex, first: int, count: int, storage_options: dict | None = None) -> RawRange:
+    """Samples ``first .. first+count-1`` of a shard with a single exact ranged read, parsed lazily.
+
+    Only the tar headers are parsed here; a sample's members are sliced from the buffer when the
+    sample is used. Damage (a short read, a bad header) ends the range early with ``damage`` set.
     """
-    view = memoryview(buffer)
-    pos, key, offset, members = 0, None, 0, {}
-    long_name, long_name_offset = None, 0
-    damage: str | None = None
-    while pos < len(buffer):
-        if pos + 512 > len(buffer):
-            damage = f"truncated tar header at byte {base_offset + pos}"
-            break
-        header = bytes(view[pos:pos + 512])
-        if header == b"\0" * 512:  # end-of-archive marker
-            break
-        if _octal(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
-            damage = f"bad tar header checksum at byte {base_offset + pos}"
-            break
-        size = _octal(header[124:136])
-        kind = header[156:157]
-        data_start, data_end = pos + 512, pos + 512 + size
-        if data_end > len(buffer):
-            damage = f"tar member at byte {base_offset + pos} is truncated"
-            break
-        header_start, pos = pos, data_start + (size + 511) // 512 * 512
-        data = bytes(view[data_start:data_end])
-        if kind in (b"x", b"L"):  # pax extended header / GNU long name: names the next member
-            long_name = _pax_path(data) if kind == b"x" else data.rstrip(b"\0").decode("utf-8")
-            long_name_offset = header_start
-            continue
-        if kind not in (b"0", b"\0", b"7"):  # directories, links, global headers: not sample data
-            long_name = None
-            continue
-        if long_name is not None:
-            name, start = long_name, long_name_offset
-        else:
-            name = header[:100].rstrip(b"\0").decode("utf-8")
-            prefix = header[345:500].rstrip(b"\0").decode("utf-8") if header[257:262] == b"ustar" else ""
-            name, start = (prefix + "/" + name if prefix else name), header_start
-        long_name = None
-        member_key, suffix = _group_key(name)
-        if member_key != key:
-            if key is not None:
-                yield key, offset, members
-            key, offset, members = member_key, base_offset + start, {}
-        members[suffix] = data
-    # The group in progress is handed out even after damage: the schema check finds missing views.
-    if key is not None and members:
-        yield key, offset, members
-    if damage:
-        raise tarfile.ReadError(damage)
+    start = index.offsets[first]
+    end = index.offsets[first + count] if first + count < len(index) else index.num_bytes
+    fs, path = storage.filesystem(url, storage_options)
+    # cat_file makes one exact ranged GET on object stores; a file object would read ahead blocks.
+    buffer = fs.cat_file(path, start=start, end=end)
+    found, _, damage, _ = _parse_members(buffer, start, final=True)
+    groups: list[tuple[str, dict[str, int]]] = []
+    last = None
+    for name, _, span in found:  # _groups, inlined: this runs for every member the reader reads
+        key, suffix = _group_key(name)
+        if key != last:
+            groups.append((key, {}))
+            last = key
+        groups[-1][1][suffix] = span
+    if damage is None and len(buffer) < end - start:
+        damage = f"the shard ends at byte {start + len(buffer)}, before byte {end} where its index says sample {first + count} starts"
+    return RawRange(url, buffer, groups, damage)
 
 
 def read_sample_range(url: str, index: ShardIndex, first: int, count: int,
                       storage_options: dict | None = None) -> Iterator[tuple[str, int, dict[str, bytes]]]:
-    """Samples ``first .. first+count-1`` of a shard, fetched with a single (ranged) read."""
-    start = index.offsets[first]
-    end = index.offsets[first + count] if first + count < len(index) else index.num_bytes
-    fs, path = storage.filesystem(url, storage_options)
-    with fs.open(path, "rb") as f:
-        f.seek(start)
-        buffer = f.read(end - start)
-    yield from parse_tar_bytes(buffer, start)
+    """Samples ``first .. first+count-1`` of a shard as (key, offset, {suffix: bytes}), one ranged read."""
+    raw = read_raw_range(url, index, first, count, storage_options)
+    for (key, members), offset in zip(raw.groups, index.offsets[first:first + count]):
+        yield key, offset, {suffix: span_bytes(raw.buffer, span) for suffix, span in members.items()}
+    if raw.damage:
+        raise TarDamage(f"{url}: {raw.damage}")

@@ -9,8 +9,9 @@ URL_PATTERN is a local path or any fsspec URL (s3://...) with braces and/or glob
 object the validator checks: the schema version and metadata (schema.parse_sample), every camera
 (cameras.check_camera: orthonormal rotation with det +1, positive intrinsics), that every view
 decodes at the declared size (and every mask, when the sample has masks, as 8-bit grey), that no stray member sits in the sample, and that keys are unique
-across the whole dataset. Per shard it checks the tar structure (truncated or corrupt data, a
-missing end-of-archive marker) and that the sidecar index, when there is one, lists exactly the
+across the whole dataset. Per shard it checks the tar structure (truncated or corrupt data, a cut at a
+member boundary, a garbled member header — which ``tarfile`` takes silently for the end of the
+archive — a missing end-of-archive marker) and that the sidecar index, when there is one, lists exactly the
 shard's sample keys and byte offsets.
 
 Exit status: 0 when no problem was found, 1 when some were (each listed with shard URL, object

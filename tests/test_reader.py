@@ -260,7 +260,10 @@ def test_truncated_shard_and_corrupt_image_are_skipped_and_counted(tmp_path, cap
         skipped = reader.skipped
         assert skipped.samples == 4
         assert skipped.by_reason == {"undecodable image": 1, "damaged shard": 3}
-        assert skipped.shards_with_errors == [middle]
+        assert skipped.by_shard == {first: {"undecodable image": 1}, middle: {"damaged shard": 3}}
+        stats = reader.skip_stats()  # the same, JSON-ready, plus what indexing found
+        assert stats["by_shard"] == skipped.by_shard and list(stats["damaged_shards"]) == [middle]
+        assert "truncated" in stats["damaged_shards"][middle]
     assert "skipped a sample" in caplog.text
 
 
@@ -359,3 +362,27 @@ def test_every_rank_draws_the_same_number_of_context_views_per_batch(tmp_path):
                                               target_views=1, num_workers=2, seed=4), rank, 2)
         per_rank.append([b.num_context_views for b in reader])
     assert per_rank[0] == per_rank[1] and len(set(per_rank[0])) > 1
+
+
+def distinct_shards_per_batch(batches, per_shard: int) -> list[int]:
+    return [len({i // per_shard for i in ids_of(b)}) for b in batches]
+
+
+@pytest.mark.parametrize("ranks,workers", [(1, 0), (1, 2), (2, 2)])
+def test_batches_mix_shards_written_one_category_each(tmp_path, ranks, workers):
+    """Shards written category by category (here: shard = category) must not give one-category
+    batches: with 8 categories a uniform shuffle of the epoch puts 5.35 distinct categories in a
+    batch of 8 (on average); the reader must reach 4.5 however the epoch is split."""
+    per_shard = 64 if ranks * workers > 2 else 32
+    pattern = write_toy_shards(str(tmp_path), [per_shard] * 8, views=2)
+    distinct = []
+    for rank in range(ranks):
+        for epoch in range(2):
+            reader = StreamingReader(ReaderConfig(pattern, batch_size=8, context_views_max=0, target_views=1,
+                                                  num_workers=workers, seed=epoch), rank, ranks)
+            distinct += distinct_shards_per_batch(list(reader), per_shard)
+    assert np.mean(distinct) >= 4.5, (np.mean(distinct), Counter(distinct))
+    # The unshuffled order (evaluation) keeps shards whole: one category per batch.
+    ordered = StreamingReader(ReaderConfig(pattern, batch_size=8, context_views_max=0, target_views=1, num_workers=0,
+                                           shuffle=False))
+    assert set(distinct_shards_per_batch(list(ordered), per_shard)) == {1}

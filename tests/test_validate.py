@@ -223,3 +223,23 @@ def test_cli_exit_status(good, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path / "nothing-*.tar")])
     assert exit_info.value.code == 2
+
+
+def test_garbled_member_header_is_a_problem_with_or_without_an_index(tmp_path):
+    samples = [make_sample(f"obj_{i}", n_views=2, seed=i) for i in range(3)]
+    (url,) = write_shards(tmp_path / "g", samples, max_objects=3)
+    second = read_index(url).offsets[1]
+    data = bytearray(Path(url).read_bytes())
+    data[second:second + 100] = b"\xff" * 100  # the first header of the second sample
+    Path(url).write_bytes(bytes(data))
+    for with_index in (True, False):
+        if not with_index:
+            os.remove(url + INDEX_SUFFIX)
+        report = validate(url)
+        assert any(f"garbled tar member header at byte {second}" in r for r in reasons(report)), reasons(report)
+        assert report.num_objects == 1
+
+    # A header zeroed out in the middle reads as an early end of the archive to tarfile.
+    data[second:second + 512] = bytes(512)
+    Path(url).write_bytes(bytes(data))
+    assert any(f"a zero block at byte {second} in the middle of the archive" in r for r in reasons(validate(url)))

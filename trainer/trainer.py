@@ -16,6 +16,7 @@ The trainer's step counter, its EMA and its finiteness check advance once per op
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import resource
@@ -27,7 +28,7 @@ import torch
 import yaml
 
 from data_pipeline import preflight, storage
-from data_pipeline.reader import StreamingReader, ViewBatch
+from data_pipeline.reader import StreamingReader, ViewBatch, merge_skip_stats, skip_metrics, skip_summary
 from model_zoo.goembedfusion import Views
 from trainer.checkpoint import Checkpointer, TrainerState, capture_rng, restore_rng
 from trainer.config import RunConfig, check_runnable, save_config, to_dict
@@ -176,7 +177,11 @@ class Trainer:
                 self.save()
         bar.close()
         metrics_log.close()
+        skips = self.skip_stats()  # the end-of-run summary of skipped data
         if self.env.is_main:
+            with open(os.path.join(self.run_dir, "skipped_data.json"), "w") as f:
+                json.dump(skips, f, indent=1)
+            print(skip_summary(skips), file=sys.stderr)
             plot_loss_curves(os.path.join(self.run_dir, "metrics.jsonl"), os.path.join(self.run_dir, "loss.png"))
         if self.run_lock is not None:
             self.run_lock.release()
@@ -272,8 +277,13 @@ class Trainer:
         )
         for rank, megabytes in enumerate(all_gather_objects(peak_memory_mb(self.env))):
             record[f"peak_memory_mb_rank{rank}"] = megabytes
-        # Per-run data counters (the reader's skipped samples, summed over ranks) belong here too.
+        # skipped data (by reason, by shard), summed over ranks and loader workers
+        record.update(skip_metrics(self.skip_stats()))
         return record
+
+    def skip_stats(self) -> dict:
+        """The reader's skip counts summed over every rank (a collective: every rank calls it)."""
+        return merge_skip_stats(all_gather_objects(self.reader.skip_stats()))
 
     # -- checkpoints -------------------------------------------------------------------------------
     def save(self) -> str:
