@@ -435,7 +435,7 @@ class _SlotStream(torch.utils.data.IterableDataset):
         if config.resolution is not None and config.resolution != width:
             out_w = config.resolution
             out_h = max(1, round(height * out_w / width))
-            rgb = [np.asarray(Image.fromarray(im).resize((out_w, out_h), Image.BILINEAR)) for im in rgb]
+            rgb = [_resize(im, out_w, out_h) for im in rgb]
             K = K.copy()  # scale_intrinsics, for a stack of cameras
             K[:, 0, :] *= out_w / width
             K[:, 1, :] *= out_h / height
@@ -443,6 +443,16 @@ class _SlotStream(torch.utils.data.IterableDataset):
         return _LoadedObject(object_id, background, chosen[:k], chosen[k:],
                              images[:k] if k else None, K[:k], c2w[:k],
                              images[k:] if len(chosen) > k else None, K[k:], c2w[k:])
+
+
+def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Bilinear resize of RGB or RGB + mask. The mask is resized on its own: Pillow would treat a
+    4th channel as alpha and premultiply the colours by it."""
+    rgb = np.asarray(Image.fromarray(image[..., :3]).resize((width, height), Image.BILINEAR))
+    if image.shape[-1] == 3:
+        return rgb
+    mask = np.asarray(Image.fromarray(image[..., 3]).resize((width, height), Image.BILINEAR))
+    return np.concatenate([rgb, mask[..., None]], axis=-1)
 
 
 def _bad_cameras(items: list["_LoadedObject"]) -> list[int]:
