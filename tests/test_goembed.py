@@ -345,3 +345,5 @@ def test_random_origin_goembed_equals_finite_differences_and_a_learned_origin_tr
     trainable = VolumeRenderer(learned, FieldDecoder(3, hidden=8, layers=1), samples_per_ray=12).double()
     goembed(trainable, rays, background, create_graph=True).square().sum().backward()
     assert learned._origin_param.grad is not None and learned._origin_param.grad.abs().sum() > 0
+    with torch.no_grad():  # evaluation: still an encoding, no graph
+        assert not goembed(trainable, rays, background).requires_grad
