@@ -15,7 +15,8 @@ after warm-up, with a device synchronisation around each timed region on GPU. Pe
   ``forward_backward_vs_forward`` (a render and its backward) is what autograd GOEmbed costs at least;
 * ``train_step``: one step of the composed model on a real batch from the streaming reader,
   timed part by part through ``GOEmbedFusion.forward``'s ``on_part`` callback (the model's own
-  code, no copy of it).
+  code, no copy of it), and ``encoder_share``: 1 − (the same step with a zero encoding) / (this
+  step), the encoder's forward and backward together.
 
 Absolute numbers depend on the machine; ratios and fractions are what to compare.
 """
@@ -285,6 +286,13 @@ def main() -> None:
         entry.update(bench_renderer(model, bench, batch.num_objects, args.rays_per_object, batch.num_context_views + 1))
         log(f"{kind}: training step")
         entry["train_step"] = bench_train_step(model, bench, batch)
+        # The encoder's whole share of a step (its forward and its part of the backward): the same
+        # step with a zero encoding instead, same weights and batch.
+        torch.manual_seed(0)
+        plain = GOEmbedFusion(ModelConfig(preset=args.preset, representation=kind, encoder="zeros")).to(device)
+        without = bench_train_step(plain, bench, batch)["ms"]["total"]
+        entry["train_step"]["zero_encoding_total_ms"] = without
+        entry["train_step"]["encoder_share"] = round(1 - without / entry["train_step"]["ms"]["total"], 3)
         result["representations"][kind] = entry
     result["wall_s"] = round(time.perf_counter() - start, 1)
     print(json.dumps(result))

@@ -26,8 +26,9 @@ Two ways to compute it (``method``):
   its weights as for any forward). Training ψ through it is first-order autograd through J,
   σ₀, c₀ and the (linear) splat, whose adjoint is one sampling of the 4-channel twin grid.
   The price of this structure: the encoding is Jᵀ times 4 channels, rank ≤ 4 per block whatever
-  C is (the same information as unprojection). The variants that escape it (model_zoo/
-  goembed_variants.py) use the autograd path.
+  C is (the same information as unprojection). The variants that escape it (a grid ``origin``
+  of "random" or "learned", ``FieldDecoder(point_frequencies > 0)``; rank and cost measured by
+  bench/goembed_variants.py) use the autograd path.
 
 Normalisation (the paper's exact scaling is not known to us; it is a measured choice, see the
 README and model_zoo/plenoptic_encoding.py):
@@ -133,11 +134,12 @@ def _loss_scale(rays: RayBatch) -> float:
 
 def _autograd(renderer, rays, background, create_graph, normalisation):
     representation = renderer.representation
-    origin = representation.origin(background.shape[0], device=rays.origins.device, dtype=rays.origins.dtype)
     keep = normalisation == "coverage" and representation.is_grid
     with torch.enable_grad():
+        # Inside enable_grad: a learned origin stays a function of its parameter even under no_grad.
+        origin = representation.origin(background.shape[0], device=rays.origins.device, dtype=rays.origins.dtype)
         if not origin.requires_grad:
-            origin.requires_grad_(True)
+            origin = origin.detach().clone().requires_grad_(True)
         out = renderer.render_rays(origin, rays.origins, rays.directions, background, stratified=False, keep_samples=keep)
         squared = ((out.rgb - rays.colours) ** 2).sum(dim=-1)
         if rays.ray_weights is not None:

@@ -298,3 +298,52 @@ def test_hash_grid_encoding_lands_only_in_the_rows_its_rays_read():
     written = encoding.abs().amax(dim=-1).reshape(-1) > 0  # (L*T,)
     assert written.any() and not (written & ~read).any(), "GOEmbed wrote into hash rows no sample reads"
     assert written.sum() < 0.5 * written.numel()
+
+
+# -- variants that carry more than unprojection ---------------------------------------------------
+
+def encoding_rank(renderer, encoding) -> int:
+    rep = renderer.representation
+    state = encoding[0]
+    block = state.reshape(rep.channels, -1) if rep.kind == "voxel" else state[0].reshape(rep.channels, -1)
+    singular = torch.linalg.svdvals(block)
+    return int((singular > 1e-6 * singular.max()).sum())
+
+
+@pytest.mark.parametrize("kind", ["voxel", "triplane"])
+def test_zero_origin_is_rank_4_and_the_variants_are_not(kind):
+    rays = three_views(torch.float64, size=8)
+    background = torch.ones(1, 3, dtype=torch.float64)
+    zero = make_renderer(kind, channels=8, layers=2)
+    assert encoding_rank(zero, goembed(zero, rays, background)) == 4  # Jᵀ times 4 channels
+    positional = make_renderer(kind, channels=8, layers=2, point_frequencies=2)
+    assert encoding_rank(positional, goembed(positional, rays, background)) == 8
+    for origin in ("random", "learned"):
+        torch.manual_seed(0)
+        rep = build_representation(kind, **representation_kwargs(kind, channels=8), origin=origin)
+        renderer = VolumeRenderer(rep, FieldDecoder(rep.feature_dim, hidden=8, layers=2), samples_per_ray=12).double()
+        assert encoding_rank(renderer, goembed(renderer, rays, background)) == 8
+
+
+def test_random_origin_goembed_equals_finite_differences_and_a_learned_origin_trains():
+    torch.manual_seed(0)
+    rep = build_representation("voxel", channels=3, resolution=6, origin="random", origin_scale=0.5)
+    renderer = VolumeRenderer(rep, FieldDecoder(rep.feature_dim, hidden=8, layers=1), samples_per_ray=12).double()
+    rays = camera_rays([[2.5, 0.3, 0.4], [-0.5, 2.6, 0.8]])
+    background = torch.ones(1, 3, dtype=torch.float64)
+    encoding = goembed(renderer, rays, background, normalisation="sum")
+    origin = rep.origin(1, dtype=torch.float64)
+    flat = origin.reshape(-1)
+    for i in encoding.reshape(-1).abs().topk(4).indices.tolist():
+        plus, minus = flat.clone(), flat.clone()
+        plus[i] += 1e-6
+        minus[i] -= 1e-6
+        derivative = (mse_loss(renderer, plus.reshape(origin.shape), rays, background)
+                      - mse_loss(renderer, minus.reshape(origin.shape), rays, background)) / 2e-6
+        torch.testing.assert_close(encoding.reshape(-1)[i], -derivative, rtol=1e-5, atol=1e-9)
+    learned = build_representation("voxel", channels=3, resolution=6, origin="learned")
+    trainable = VolumeRenderer(learned, FieldDecoder(3, hidden=8, layers=1), samples_per_ray=12).double()
+    goembed(trainable, rays, background, create_graph=True).square().sum().backward()
+    assert learned._origin_param.grad is not None and learned._origin_param.grad.abs().sum() > 0
+    with torch.no_grad():  # evaluation: still an encoding, no graph
+        assert not goembed(trainable, rays, background).requires_grad

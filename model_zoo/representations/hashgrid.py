@@ -57,22 +57,29 @@ class HashGridRepresentation(GridRepresentation):
                                       self.max_resolution).to(self._resolutions.device)
 
     def corners(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """points (B, N, 3) -> rows (B, N, L, 8) into the flattened tables (L·T) and weights (B, N, L, 8)."""
+        """points (B, N, 3) -> rows (B, N, L, 8) into the flattened tables (L·T) and weights (B, N, L, 8).
+
+        Corner c = (dx, dy, dz) with dx = c & 1, dy = c >> 1 & 1, dz = c >> 2 & 1. Built by broadcasting
+        the two candidates of each axis, never a (…, 8, 3) tensor."""
         resolutions = self._resolutions.to(points.device)
-        scaled = ((points.detach().to(torch.promote_types(points.dtype, torch.float32)) + 1) / 2).clamp(0, 1).unsqueeze(2) * resolutions.view(1, 1, -1, 1)
+        scaled = ((points.detach().to(torch.promote_types(points.dtype, torch.float32)) + 1) / 2).clamp(0, 1)
+        scaled = scaled.unsqueeze(2) * resolutions.view(1, 1, -1, 1)  # (B, N, L, 3)
         lower = scaled.floor().clamp(max=resolutions.view(1, 1, -1, 1) - 1)  # a point on the far face uses the last cell
         fraction = scaled - lower
         lower = lower.long()
-        offsets = torch.tensor([[(c >> 0) & 1, (c >> 1) & 1, (c >> 2) & 1] for c in range(8)], device=points.device)
-        vertex = lower.unsqueeze(3) + offsets  # (B, N, L, 8, 3)
-        side = (resolutions + 1).view(1, 1, -1, 1)
-        dense = vertex[..., 0] + side * (vertex[..., 1] + side * vertex[..., 2])
-        primes = torch.tensor(PRIMES, device=points.device)
-        hashed = (vertex[..., 0] * primes[0]) ^ (vertex[..., 1] * primes[1]) ^ (vertex[..., 2] * primes[2])
-        rows = torch.where(self._dense.to(points.device).view(1, 1, -1, 1), dense, hashed) & (self.table_size - 1)
-        rows = rows + torch.arange(self.levels, device=points.device).view(1, 1, -1, 1) * self.table_size
-        weights = torch.where(offsets.bool(), fraction.unsqueeze(3), 1 - fraction.unsqueeze(3)).prod(-1)
-        return rows, weights.to(points.dtype)
+        two = torch.arange(2, device=points.device)
+        # Per axis, (B, N, L, 2): the lower and upper vertex coordinate, and its interpolation weight.
+        coord = [lower[..., axis, None] + two for axis in range(3)]
+        weight = [torch.stack([1 - fraction[..., axis], fraction[..., axis]], -1) for axis in range(3)]
+        x, y, z = coord[0][..., None, None, :], coord[1][..., None, :, None], coord[2][..., :, None, None]  # (…, dz, dy, dx)
+        side = (resolutions + 1).view(1, 1, -1, 1, 1, 1)
+        dense = x + side * (y + side * z)
+        hashed = (x * PRIMES[0]) ^ (y * PRIMES[1]) ^ (z * PRIMES[2])
+        rows = torch.where(self._dense.to(points.device).view(1, 1, -1, 1, 1, 1), dense, hashed) & (self.table_size - 1)
+        rows = rows + (torch.arange(self.levels, device=points.device) * self.table_size).view(1, 1, -1, 1, 1, 1)
+        weights = weight[0][..., None, None, :] * weight[1][..., None, :, None] * weight[2][..., :, None, None]
+        shape = (*points.shape[:2], self.levels, 8)
+        return rows.reshape(shape), weights.reshape(shape).to(points.dtype)
 
     def sample(self, state: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         batch, count, _ = points.shape
