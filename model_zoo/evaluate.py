@@ -40,6 +40,7 @@ from data_pipeline.reader import DatasetIndex, ReaderConfig, StreamingReader
 from data_pipeline.schema import object_key, parse_sample
 from data_pipeline.shards import read_sample_range
 from model_zoo.goembedfusion import GOEmbedFusion, Views
+from model_zoo.samplers import SAMPLERS
 from model_zoo.metrics import (UNAVAILABLE, FeatureExtractor, build_feature_extractor, fid_from_features,
                                kernel_inception_distance, load_lpips, psnr, ssim)
 
@@ -171,9 +172,14 @@ def evaluate_reconstruction(model: GOEmbedFusion, pattern: str, context_views: i
 
 
 # -- generation ---------------------------------------------------------------------------------
+# Defaults chosen from the measured quality-versus-steps curve (README, "Samplers").
+DEFAULT_SAMPLER = "ddim"
+DEFAULT_STEPS = 10
+
 @torch.no_grad()
 def evaluate_generation(model: GOEmbedFusion, pattern: str, features: FeatureExtractor | str = "random",
-                        views_per_object: int = 10, context_views: int = 0, steps: int = 10, guidance_scale: float = 1.0,
+                        views_per_object: int = 10, context_views: int = 0, steps: int = DEFAULT_STEPS,
+                        guidance_scale: float = 1.0, sampler: str = DEFAULT_SAMPLER, guidance_on: str = "state",
                         sample_resolution: int | None = None, resolution: int | None = 128,
                         max_objects: int | None = None, seed: int = 0, kid_subsets: int = 100,
                         kid_subset_size: int = 1000, num_workers: int = 0, storage_options: dict | None = None,
@@ -208,7 +214,7 @@ def evaluate_generation(model: GOEmbedFusion, pattern: str, features: FeatureExt
         generator = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
         state = model.sample(K[views[0]][None] * scale, c2w[views[0]][None], background[None], context=context,
                              steps=steps, guidance_scale=guidance_scale, resolution=sample_resolution,
-                             generator=generator)
+                             generator=generator, sampler=sampler, guidance_on=guidance_on)
         fake = model.render(state, K[views][None], c2w[views][None], height, width, background[None])[0]
         local[object_id] = (extractor(images[views]).cpu().numpy(), extractor(fake).cpu().numpy())
     results = _gather(local)
@@ -225,7 +231,8 @@ def evaluate_generation(model: GOEmbedFusion, pattern: str, features: FeatureExt
         notes.append("KID subsets are the whole set, so kid_std is 0")
     return {
         "task": "generation", "objects": len(keys), "images": len(real), "views_per_object": used_views,
-        "context_views": context_views, "steps": steps, "guidance_scale": guidance_scale,
+        "context_views": context_views, "steps": steps, "sampler": sampler, "guidance_scale": guidance_scale,
+        "guidance_on": guidance_on,
         "sample_resolution": sample_resolution, "resolution": resolution, "features": extractor.name,
         "fid": fid_from_features(real, generated), "kid": kid_mean, "kid_std": kid_std, "notes": notes,
     }
@@ -249,8 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the built-in random-conv extractor (numbers not comparable with published FID)")
     parser.add_argument("--views-per-object", type=int, default=10)
     parser.add_argument("--resolution", type=int, default=128, help="width the views are read, rendered and scored at")
-    parser.add_argument("--steps", type=int, default=10, help="DDIM steps per sample")
-    parser.add_argument("--guidance-scale", type=float, default=1.0)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                        help="sampler steps per sample (default %(default)s, from the README's quality-vs-steps curve)")
+    parser.add_argument("--sampler", choices=tuple(SAMPLERS), default=DEFAULT_SAMPLER, help="see model_zoo/samplers.py")
+    parser.add_argument("--guidance-scale", type=float, default=1.0,
+                        help="classifier-free guidance (needs --generation-context-views > 0; 1 = none)")
+    parser.add_argument("--guidance-on", choices=("state", "x0"), default="state",
+                        help="apply guidance to the 3D state ζ̂ or to its rendered x̂₀")
     parser.add_argument("--sample-resolution", type=int, default=None, help="sampler image width (default: encode_resolution)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--workers", type=int, default=0, help="reader worker processes per rank")
@@ -298,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             results["generation"] = evaluate_generation(
                 model, args.data, features=extractor, views_per_object=args.views_per_object,
                 context_views=args.generation_context_views, steps=args.steps, guidance_scale=args.guidance_scale,
+                sampler=args.sampler, guidance_on=args.guidance_on,
                 sample_resolution=args.sample_resolution, **common)
         if rank == 0:
             text = json.dumps(results, indent=2)

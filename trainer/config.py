@@ -56,7 +56,7 @@ class DataConfig:
     batch_size: int = 4  # objects per micro-batch, per rank
     context_views_min: int = 0  # k is drawn per batch from [min, max]; 0 trains the unconditional case
     context_views_max: int = 3
-    target_views: int = 1
+    target_views: int = 2  # the first is noised and encoded; the others are never encoded (DFM)
     resolution: int | None = 64  # width the views are decoded at; None = as stored
     num_workers: int = 2  # DataLoader workers per rank
     shuffle_block_objects: int = 64
