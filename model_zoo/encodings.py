@@ -43,8 +43,8 @@ def unprojection(renderer: VolumeRenderer, rays: RayBatch, samples_per_ray: int 
         cotangent = torch.zeros_like(features).view(batch, -1, blocks, channels)
         cotangent[..., :4] = payload.unsqueeze(2)
         (splat,) = torch.autograd.grad(features, probe, grad_outputs=cotangent.view_as(features))
-    # Channels live in dim 1 (voxel: C, z, y, x) or dim 2 (triplane: 3, C, R, R).
-    channel_dim = 1 if representation.kind == "voxel" else 2
+    # Channels live in dim 1 (voxel: C, z, y, x), dim 2 (triplane: 3, C, R, R) or dim 3 (hash grid: L, T, C).
+    channel_dim = representation.channel_axis + 1
     sums = splat.narrow(channel_dim, 0, 3)
     counts = splat.narrow(channel_dim, 3, 1)
     encoding = torch.zeros_like(splat)

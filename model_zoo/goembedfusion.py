@@ -36,12 +36,12 @@ from torch import nn
 
 from model_zoo.diffusion import CosineSchedule, classifier_free_guidance
 from model_zoo.encodings import unprojection
-from model_zoo.goembed import NORMALISATIONS, RayBatch, goembed
+from model_zoo.goembed import METHODS, NORMALISATIONS, RayBatch, goembed
 from model_zoo.presets import get_preset
 from model_zoo.lpips import LPIPS
 from model_zoo.rays import gather_pixels, patch_pixel_indices, random_pixel_indices, view_rays
 from model_zoo.renderer import FieldDecoder, VolumeRenderer
-from model_zoo.representations import build_representation
+from model_zoo.representations import ORIGINS, build_representation
 from model_zoo.samplers import SAMPLERS, Callback, get_sampler
 from model_zoo.unet import build_denoiser
 
@@ -56,6 +56,11 @@ class ModelConfig:
     representation: str = "triplane"  # triplane | voxel | mlp
     encoder: Encoder = "goembed"  # goembed; unprojection and zeros are baselines
     goembed_normalisation: str = "coverage"  # see goembed.py and the README for the measurement
+    goembed_method: str = "auto"  # auto (closed form where exact: grids, zero origin) | closed_form | autograd
+    goembed_origin: str = "zeros"  # grids: zeros | random (fixed, seeded) | learned; GOEmbed variants, see README
+    goembed_origin_scale: float = 0.1  # std of a random / learned grid origin
+    decoder_point_frequencies: int = 0  # > 0: ψ also reads a positional encoding of the point (a GOEmbed variant)
+    origin_density: float = 0.01  # σ(0) of ψ, fixed by construction: the GOEmbed origin renders (nearly) blank
     encode_resolution: int = 32  # views are resized to this width before encoding (and noised there)
     # groups: clean context and noisy target encoded into separate channel groups (DFM's per-view
     # features, context t = 0); summed: one encoding of all views (the first implementation).
@@ -83,6 +88,12 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.evidence must be groups or summed, got {self.evidence!r}")
         if self.goembed_normalisation not in NORMALISATIONS:
             raise ValueError(f"ModelConfig.goembed_normalisation must be one of {NORMALISATIONS}, got {self.goembed_normalisation!r}")
+        if self.goembed_method not in METHODS:
+            raise ValueError(f"ModelConfig.goembed_method must be one of {METHODS}, got {self.goembed_method!r}")
+        if self.goembed_origin not in ORIGINS:
+            raise ValueError(f"ModelConfig.goembed_origin must be one of {ORIGINS}, got {self.goembed_origin!r}")
+        if self.decoder_point_frequencies < 0:
+            raise ValueError(f"ModelConfig.decoder_point_frequencies must be >= 0, got {self.decoder_point_frequencies}")
         if self.lpips_weight > 0 and not self.lpips_weights_path:
             raise ValueError("ModelConfig.lpips_weights_path is required when lpips_weight > 0 (weights are never downloaded)")
         for name in ("context_dropout", "reconstruction_prob"):
@@ -127,13 +138,17 @@ class GOEmbedFusion(nn.Module):
         self.config = config = config or ModelConfig()
         preset = get_preset(config.preset)
         kind = config.representation
+        origin = {"origin": config.goembed_origin, "origin_scale": config.goembed_origin_scale}
         if kind == "triplane":
-            representation = build_representation(kind, channels=preset.triplane_channels, resolution=preset.triplane_resolution)
+            representation = build_representation(kind, channels=preset.triplane_channels, resolution=preset.triplane_resolution, **origin)
         elif kind == "voxel":
-            representation = build_representation(kind, channels=preset.voxel_channels, resolution=preset.voxel_resolution)
+            representation = build_representation(kind, channels=preset.voxel_channels, resolution=preset.voxel_resolution, **origin)
         else:
+            if config.goembed_origin != "zeros":
+                raise ValueError(f"ModelConfig.goembed_origin applies to grids; the {kind!r} origin is fixed")
             representation = build_representation(kind, channels=preset.triplane_channels, hidden=config.mlp_hidden)
-        decoder = FieldDecoder(representation.feature_dim, preset.decoder_hidden, preset.decoder_layers)
+        decoder = FieldDecoder(representation.feature_dim, preset.decoder_hidden, preset.decoder_layers,
+                               origin_density=config.origin_density, point_frequencies=config.decoder_point_frequencies)
         self.renderer = VolumeRenderer(representation, decoder, config.samples_per_ray or preset.samples_per_ray,
                                        config.box_half_size)
         denoiser_config = preset.denoiser_config(kind)
@@ -153,8 +168,10 @@ class GOEmbedFusion(nn.Module):
 
     # -- the three parts -----------------------------------------------------------------------
     def encode(self, views: Views, background: torch.Tensor, view_weights: torch.Tensor | None = None,
-               create_graph: bool = False) -> torch.Tensor:
-        """ζ_enc (B, *state_shape) from posed views (zero views: zeros). ``view_weights`` (B, V) drops views."""
+               create_graph: bool = False, return_stats: bool = False):
+        """ζ_enc (B, *state_shape) from posed views (zero views: zeros). ``view_weights`` (B, V) drops views.
+
+        ``return_stats``: also a dict of detached scalars for the metrics (GOEmbed: ``origin_opacity``)."""
         views = views.resized(self.config.encode_resolution)
         batch, count = views.images.shape[:2]
         height, width = views.images.shape[-2:]
@@ -166,22 +183,30 @@ class GOEmbedFusion(nn.Module):
         rays = RayBatch(origins.reshape(batch, -1, 3), directions.reshape(batch, -1, 3), colours.reshape(batch, -1, 3),
                         count, weights)
         if self.config.encoder == "zeros" or count == 0:
-            return self.representation.origin(batch, device=background.device, dtype=colours.dtype) * 0
+            encoding = torch.zeros(batch, *self.representation.state_shape, device=background.device, dtype=colours.dtype)
+            return (encoding, {}) if return_stats else encoding
         if self.config.encoder == "unprojection":
-            return unprojection(self.renderer, rays)
+            encoding = unprojection(self.renderer, rays)
+            return (encoding, {}) if return_stats else encoding
         return goembed(self.renderer, rays, background, create_graph=create_graph,
-                       normalisation=self.config.goembed_normalisation)
+                       normalisation=self.config.goembed_normalisation, method=self.config.goembed_method,
+                       return_stats=return_stats)
 
     def condition(self, context: Views | None, noisy: Views | None, background: torch.Tensor,
                   context_weights: torch.Tensor | None = None, noisy_weights: torch.Tensor | None = None,
-                  create_graph: bool = False) -> torch.Tensor:
+                  create_graph: bool = False, return_stats: bool = False):
         """The denoiser's input from clean context views and the noisy target (either may be None).
 
         ``evidence="groups"``: [ζ_ctx, ζ_tgt] stacked along the channel axis, each its own GOEmbed
         (so each is normalised by its own coverage); an absent or dropped group is exactly zero.
         ``"summed"``: one GOEmbed of all views together. Weights (B, V) drop views per object.
+        ``return_stats``: also the encoder's metrics (the first group's where both have them).
         """
         batch = background.shape[0]
+        stats: dict = {}
+
+        def done(encoding):
+            return (encoding, stats) if return_stats else encoding
 
         def empty():
             return torch.zeros(batch, *self.representation.state_shape, device=background.device)
@@ -196,15 +221,20 @@ class GOEmbedFusion(nn.Module):
                 weights.append(more_weights if more_weights is not None
                                else torch.ones(batch, more.count, device=background.device))
             if views is None:
-                return empty()
-            return self.encode(views, background, torch.cat(weights, 1), create_graph=create_graph)
+                return done(empty())
+            encoding, stats = self.encode(views, background, torch.cat(weights, 1), create_graph=create_graph,
+                                          return_stats=True)
+            return done(encoding)
         groups = []
         for views, weights in ((context, context_weights), (noisy, noisy_weights)):
             if views is None or views.count == 0:
                 groups.append(empty())
             else:
-                groups.append(self.encode(views, background, weights, create_graph=create_graph))
-        return torch.cat(groups, dim=self._channel_dim)
+                encoding, group_stats = self.encode(views, background, weights, create_graph=create_graph,
+                                                    return_stats=True)
+                groups.append(encoding)
+                stats = {**group_stats, **stats}
+        return done(torch.cat(groups, dim=self._channel_dim))
 
     @property
     def _channel_dim(self) -> int:
@@ -275,10 +305,11 @@ class GOEmbedFusion(nn.Module):
         keep_context = (uniform(B) >= config.context_dropout).to(dtype)
         context = Views(batch.context_images, batch.context_K, batch.context_c2w)
         mark("prepare")
-        encoding = self.condition(context, noisy, batch.background,
-                                  context_weights=keep_context.unsqueeze(1).expand(-1, context.count),
-                                  noisy_weights=(~reconstruction).to(dtype).unsqueeze(1),
-                                  create_graph=config.train_decoder_through_encoder and self.training)
+        encoding, encode_stats = self.condition(context, noisy, batch.background,
+                                                context_weights=keep_context.unsqueeze(1).expand(-1, context.count),
+                                                noisy_weights=(~reconstruction).to(dtype).unsqueeze(1),
+                                                create_graph=config.train_decoder_through_encoder and self.training,
+                                                return_stats=True)
         mark("encode")
         state = self.denoise(encoding, t, reconstruction)
         mark("denoise")
@@ -286,7 +317,7 @@ class GOEmbedFusion(nn.Module):
         # Every target view: the noised one and those never encoded (held out from the encoder).
         target_mse = self._render_loss(state, targets, batch.background, generator)
         metrics = {"target_mse": target_mse.detach(), "t_mean": t.float().mean(),
-                   "psnr_target": -10 * torch.log10(target_mse.detach().clamp_min(1e-10))}
+                   "psnr_target": -10 * torch.log10(target_mse.detach().clamp_min(1e-10)), **encode_stats}
         loss = target_mse
         if context.count and config.context_loss_weight > 0:
             context_mse = self._render_loss(state, context, batch.background, generator)

@@ -9,6 +9,7 @@ training, bin centres otherwise). Rays that miss the box see the background.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,26 +21,110 @@ from model_zoo.representations import Representation
 
 
 class FieldDecoder(nn.Module):
-    """ψ: feature at a point -> (density σ >= 0 in 1/world units, colour in [0, 1])."""
+    """ψ: feature at a point (and, optionally, the point itself) -> (density σ >= 0 in 1/world units, colour in [0, 1]).
 
-    def __init__(self, feature_dim: int, hidden: int = 64, layers: int = 2, density_bias: float = -2.0,
-                 density_scale: float = 10.0):
+    **A blank origin by construction.** Density is measured relative to ψ's own reading of a zero
+    feature: ``σ(f) = s · softplus(raw_σ(f) − raw_σ(0) + b₀)`` with ``b₀`` chosen so that
+    ``σ(0) = origin_density`` exactly, whatever ψ's weights are. So the GOEmbed origin (a zero
+    grid) stays nearly empty space (opacity ``1 − exp(−σ₀ · path)``, ~2% across the unit box at
+    the default) while ψ trains; the fog that a free density bias let drift (0.64–0.69 mean opacity
+    at initialisation before) cannot come back. σ₀ > 0 is needed: at σ₀ = 0 every rendering weight
+    of the origin is 0 and the colour residual would not reach the gradient at all.
+
+    ``point_frequencies > 0`` makes ψ also read a positional encoding γ(x) of the sample point
+    (a GOEmbed variant: J = ∂ψ/∂f(0, x) then varies with x, so the encoding is no longer rank 4).
+    The origin stays blank at every point (density relative to ψ(0, x)), at the price of a second
+    evaluation of ψ per sample.
+    """
+
+    def __init__(self, feature_dim: int, hidden: int = 64, layers: int = 2, origin_density: float = 0.01,
+                 density_scale: float = 10.0, point_frequencies: int = 0):
         super().__init__()
-        dims = [feature_dim] + [hidden] * layers
+        if not 0.0 < origin_density < density_scale:
+            raise ValueError(f"FieldDecoder.origin_density must be in (0, density_scale={density_scale}), got {origin_density}")
+        self.feature_dim, self.point_frequencies = feature_dim, point_frequencies
+        self.point_dim = 3 + 6 * point_frequencies if point_frequencies > 0 else 0
+        dims = [feature_dim + self.point_dim] + [hidden] * layers
         blocks: list[nn.Module] = []
         for fan_in, fan_out in zip(dims[:-1], dims[1:]):
             blocks += [nn.Linear(fan_in, fan_out), nn.SiLU()]
         self.body = nn.Sequential(*blocks)
         self.head = nn.Linear(dims[-1], 4)
-        # A negative bias makes an all-zero feature (the GOEmbed origin) nearly empty space, so the
-        # origin renders almost blank and its gradient is a clean back-projection.
-        self.density_bias, self.density_scale = density_bias, density_scale
+        self.origin_density, self.density_scale = origin_density, density_scale
+        # softplus⁻¹(σ₀ / s), computed stably: log(expm1(y)).
+        self.origin_bias = math.log(math.expm1(origin_density / density_scale))
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raw = self.head(self.body(features))
-        density = F.softplus(raw[..., 0] + self.density_bias) * self.density_scale
-        colour = torch.sigmoid(raw[..., 1:4])
-        return density, colour
+    @property
+    def sees_points(self) -> bool:
+        return self.point_dim > 0
+
+    @property
+    def can_linearise(self) -> bool:
+        """Whether ``linearise=True`` gives the one J of the whole field (ψ reads only the feature)."""
+        return not self.sees_points
+
+    def encode_points(self, points: torch.Tensor) -> torch.Tensor:
+        scales = (2.0 ** torch.arange(self.point_frequencies, device=points.device, dtype=points.dtype)) * math.pi
+        angles = points.unsqueeze(-1) * scales  # (..., 3, L)
+        return torch.cat([points, angles.sin().flatten(-2), angles.cos().flatten(-2)], dim=-1)
+
+    def forward(self, features: torch.Tensor, points: torch.Tensor | None = None, linearise: bool = False):
+        """features (..., F) [, points (..., 3) in [-1, 1]^3 when ``sees_points``] -> (density (...), colour (..., 3)).
+
+        ``linearise=True`` returns ``(density, colour, jacobian)`` at ``features`` instead, with
+        jacobian (..., 4, F) = ∂(σ, c)/∂f there: what the closed-form GOEmbed needs (ψ(0) and
+        J = ∂ψ/∂f(0)). It is computed here, inside ψ's own forward (called through ``__call__``), by
+        pushing tangents through every layer's own forward, so a wrapper that gathers parameters
+        around module calls (DeepSpeed ZeRO-3) sees nothing unusual, and the result is an ordinary
+        first-order function of ψ's weights (no second-order autograd needed to train ψ through it).
+        """
+        if self.sees_points:
+            if points is None:
+                raise ValueError("this FieldDecoder reads the sample points (point_frequencies > 0): pass points")
+            if linearise:
+                raise ValueError("FieldDecoder.linearise: J varies with the point when ψ sees points; use autograd GOEmbed")
+            encoded = self.encode_points(points.to(features.dtype))
+            # ψ(f, x) and ψ(0, x) in one call: density is relative to the origin at the same point.
+            both = torch.cat([torch.cat([features, encoded], -1), torch.cat([torch.zeros_like(features), encoded], -1)], 0)
+            raw, raw_origin = self.head(self.body(both)).chunk(2, dim=0)
+            return self._activate(raw, raw_origin[..., 0])
+        if linearise:
+            return self._linearised(features)
+        # ψ(0) rides along as one extra row: density relative to it costs nothing measurable.
+        flat = features.reshape(-1, features.shape[-1])
+        raw = self.head(self.body(torch.cat([flat, flat.new_zeros(1, flat.shape[-1])], 0)))
+        return self._activate(raw[:-1].reshape(*features.shape[:-1], 4), raw[-1, 0])
+
+    def _activate(self, raw: torch.Tensor, raw_origin_density: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        density = F.softplus(raw[..., 0] - raw_origin_density + self.origin_bias) * self.density_scale
+        return density, torch.sigmoid(raw[..., 1:4])
+
+    def _linearised(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        lead, dim = features.shape[:-1], features.shape[-1]
+        # Row 0 is ψ(0), the reference density is relative to; then the points asked for.
+        value = torch.cat([features.new_zeros(1, dim), features.reshape(-1, dim)], 0)
+        count = value.shape[0]
+        # Each row carries F tangents e_1..e_F. A Linear layer maps a tangent t to W t = layer(t) − layer(0)
+        # exactly (it is affine): one call of the layer on [values; tangents; 0]. An activation multiplies
+        # the tangent by its derivative at the value.
+        tangent = torch.eye(dim, device=value.device, dtype=value.dtype).expand(count, dim, dim)
+        for layer in [*self.body, self.head]:
+            if isinstance(layer, nn.Linear):
+                out = layer(torch.cat([value, tangent.reshape(-1, tangent.shape[-1]), value.new_zeros(1, value.shape[-1])], 0))
+                value, tangent = out[:count], (out[count:-1] - out[-1]).reshape(count, dim, -1)
+            elif isinstance(layer, nn.SiLU):
+                sigma = torch.sigmoid(value)
+                tangent = tangent * (sigma * (1 + value * (1 - sigma))).unsqueeze(1)
+                value = layer(value)
+            else:
+                raise TypeError(f"FieldDecoder.linearise knows Linear and SiLU layers, not {type(layer).__name__}")
+        raw, raw_tangent = value[1:], tangent[1:]  # (count, 4), (count, F, 4)
+        density, colour = self._activate(raw, value[0, 0])
+        d_density = self.density_scale * torch.sigmoid(raw[..., 0] - value[0, 0] + self.origin_bias)  # softplus' = sigmoid
+        d_colour = colour * (1 - colour)
+        jacobian = torch.cat([(d_density.unsqueeze(-1) * raw_tangent[..., 0]).unsqueeze(1),
+                              d_colour.unsqueeze(-1) * raw_tangent[..., 1:4].transpose(1, 2)], 1)  # (count, 4, F)
+        return density.reshape(lead), colour.reshape(*lead, 3), jacobian.reshape(*lead, 4, dim)
 
 
 @dataclass
@@ -91,8 +176,12 @@ class VolumeRenderer(nn.Module):
         deltas = deltas * hit.unsqueeze(-1)  # a ray that misses the box crosses nothing
         points = origins.unsqueeze(2) + depths.unsqueeze(-1) * directions.unsqueeze(2)  # (B, N, S, 3)
         normalised = (points / self.box_half_size).clamp(-1.0, 1.0)
-        features = self.representation.sample(state, normalised.reshape(batch, count * self.samples_per_ray, 3))
-        density, colour = self.decoder(features)
+        flat_points = normalised.reshape(batch, count * self.samples_per_ray, 3)
+        features = self.representation.sample(state, flat_points)
+        if getattr(self.decoder, "sees_points", False):
+            density, colour = self.decoder(features, flat_points)
+        else:
+            density, colour = self.decoder(features)
         density = density.reshape(batch, count, self.samples_per_ray).to(origins.dtype)
         colour = colour.reshape(batch, count, self.samples_per_ray, 3).to(origins.dtype)
         rgb, opacity, depth, weights = composite(density, colour, deltas, depths, background.unsqueeze(1).to(origins.dtype))

@@ -64,15 +64,16 @@ def test_empty_field_renders_the_background_and_missing_rays_too():
 
 def test_opacity_stays_in_unit_interval_for_random_fields():
     torch.manual_seed(0)
-    for kind, shape_kwargs in (("triplane", {}), ("voxel", {}), ("mlp", {"hidden": 16})):
-        rep = build_representation(kind, channels=4, resolution=8, **shape_kwargs) if kind != "mlp" else build_representation(kind, channels=4, **shape_kwargs)
-        renderer = VolumeRenderer(rep, FieldDecoder(rep.feature_dim, hidden=16, density_bias=2.0), samples_per_ray=16)
+    for kind, shape_kwargs in (("triplane", {"resolution": 8}), ("voxel", {"resolution": 8}), ("mlp", {"hidden": 16}),
+                               ("hashgrid", {"levels": 4, "log2_table_size": 10})):
+        rep = build_representation(kind, channels=4, **shape_kwargs)
+        renderer = VolumeRenderer(rep, FieldDecoder(rep.feature_dim, hidden=16, origin_density=5.0), samples_per_ray=16)
         state = torch.randn(2, *rep.state_shape) * 3
         origins = torch.randn(2, 50, 3) * 0.2 + torch.tensor([0.0, 0.0, -3.0])
         directions = torch.nn.functional.normalize(torch.randn(2, 50, 3) * 0.3 + torch.tensor([0.0, 0.0, 1.0]), dim=-1)
         out = renderer.render_rays(state, origins, directions, torch.rand(2, 3), stratified=True)
         assert out.opacity.min() >= 0 and out.opacity.max() <= 1
-        assert torch.isfinite(out.rgb).all() and out.rgb.min() >= 0 and out.rgb.max() <= 1 + 1e-6  # rounding only
+        assert torch.isfinite(out.rgb).all() and out.rgb.min() >= 0 and out.rgb.max() <= 1 + 1e-5, kind  # fp32 rounding of 16 terms only
 
 
 def test_composite_matches_a_hand_computed_two_sample_case():
@@ -122,3 +123,70 @@ def test_intersect_box_axis_parallel_rays():
     torch.testing.assert_close(t_near, torch.tensor([2.0, 0.0]))
     torch.testing.assert_close(t_far, torch.tensor([4.0, 1.0]))
     assert hit.all()
+
+
+# -- the field decoder ψ: blank origin, linearisation, positional variant --------------------------
+
+@pytest.mark.parametrize("point_frequencies", [0, 2])
+def test_decoder_origin_is_blank_whatever_its_weights(point_frequencies):
+    decoder = FieldDecoder(5, hidden=16, layers=2, origin_density=0.01, point_frequencies=point_frequencies).double()
+    points = torch.rand(7, 3, dtype=torch.float64) * 2 - 1
+    for seed in range(3):
+        with torch.no_grad():
+            for p in decoder.parameters():
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed), dtype=p.dtype) * 2)
+        density, _ = decoder(torch.zeros(7, 5, dtype=torch.float64), points)
+        torch.testing.assert_close(density, torch.full((7,), 0.01, dtype=torch.float64), rtol=1e-12, atol=0)
+        dense, _ = decoder(torch.randn(7, 5, dtype=torch.float64) * 3, points)
+        assert (dense - 0.01).abs().max() > 1e-3  # non-zero features still change the density
+
+
+def test_decoder_linearisation_equals_autograd_jacobian():
+    decoder = FieldDecoder(6, hidden=8, layers=3).double()
+    features = torch.randn(4, 6, dtype=torch.float64)
+    density, colour, jacobian = decoder(features, linearise=True)
+    reference_density, reference_colour = decoder(features)
+    torch.testing.assert_close(density, reference_density)
+    torch.testing.assert_close(colour, reference_colour)
+    for i in range(4):
+        def field(f):
+            d, c = decoder(f.unsqueeze(0))
+            return torch.cat([d, c[0]])
+        torch.testing.assert_close(jacobian[i], torch.autograd.functional.jacobian(field, features[i]), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="points"):
+        FieldDecoder(6, point_frequencies=2)(features)
+
+
+# -- the hash grid ---------------------------------------------------------------------------------
+
+def test_hash_grid_interpolates_a_linear_field_exactly_on_dense_levels():
+    """Trilinear interpolation reproduces a linear function of the vertices' positions exactly."""
+    rep = build_representation("hashgrid", channels=1, levels=3, log2_table_size=13, base_resolution=3, max_resolution=12)
+    assert rep.level_resolutions == [3, 6, 12] and all(rep._dense.tolist())  # 13^3 = 2197 <= 8192: no hashing
+    a = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64)
+    state = torch.zeros(1, *rep.state_shape, dtype=torch.float64)
+    for level, n in enumerate(rep.level_resolutions):
+        side = torch.arange(n + 1, dtype=torch.float64)
+        z, y, x = torch.meshgrid(side, side, side, indexing="ij")
+        position = torch.stack([x, y, z], -1).reshape(-1, 3) / n * 2 - 1  # vertex i sits at -1 + 2 i / n
+        rows = (x + (n + 1) * (y + (n + 1) * z)).reshape(-1).long()
+        state[0, level, rows, 0] = position @ a + level
+    points = torch.rand(1, 200, 3, dtype=torch.float64) * 2 - 1
+    points[0, :3] = torch.tensor([[1.0, 1.0, 1.0], [-1.0, -1.0, -1.0], [1.0, -1.0, 0.5]], dtype=torch.float64)  # faces
+    features = rep.sample(state, points)[0]
+    for level in range(3):
+        torch.testing.assert_close(features[:, level], points[0] @ a + level, rtol=0, atol=1e-12)
+
+
+def test_hash_grid_splat_is_the_adjoint_of_sample_and_hashes_collide_consistently():
+    rep = build_representation("hashgrid", channels=3, levels=4, log2_table_size=7, base_resolution=2, max_resolution=16)
+    assert not all(rep._dense.tolist())  # the fine levels are hashed into 128 rows
+    generator = torch.Generator().manual_seed(0)
+    state = torch.randn(2, *rep.state_shape, generator=generator, dtype=torch.float64)
+    points = torch.rand(2, 50, 3, generator=generator, dtype=torch.float64) * 2 - 1
+    values = torch.randn(2, 50, rep.feature_dim, generator=generator, dtype=torch.float64)
+    # <sample(state), values> = <state, splat(values)>: splat is the exact adjoint.
+    torch.testing.assert_close((rep.sample(state, points) * values).sum(), (state * rep.splat(points, values)).sum())
+    rows, weights = rep.corners(points)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 50, 4, dtype=torch.float64))
+    assert rows.min() >= 0 and rows.max() < rep.levels * rep.table_size

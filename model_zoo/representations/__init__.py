@@ -2,10 +2,11 @@
 
 Every representation answers the same small interface (see base.py), so the renderer, GOEmbed
 and the denoisers work with any of them. Adding one (e.g. a hash grid) is one new file plus a
-line in REPRESENTATIONS.
+line in REPRESENTATIONS (the hash grid was added that way).
 """
 
-from model_zoo.representations.base import Representation
+from model_zoo.representations.base import ORIGINS, GridRepresentation, Representation
+from model_zoo.representations.hashgrid import HashGridRepresentation
 from model_zoo.representations.mlp import MLPRepresentation
 from model_zoo.representations.triplane import TriplaneRepresentation
 from model_zoo.representations.voxel import VoxelRepresentation
@@ -14,6 +15,7 @@ REPRESENTATIONS = {
     "triplane": TriplaneRepresentation,
     "voxel": VoxelRepresentation,
     "mlp": MLPRepresentation,
+    "hashgrid": HashGridRepresentation,
 }
 
 
@@ -23,5 +25,5 @@ def build_representation(kind: str, **kwargs) -> Representation:
     return REPRESENTATIONS[kind](**kwargs)
 
 
-__all__ = ["Representation", "TriplaneRepresentation", "VoxelRepresentation", "MLPRepresentation",
+__all__ = ["Representation", "GridRepresentation", "HashGridRepresentation", "ORIGINS", "TriplaneRepresentation", "VoxelRepresentation", "MLPRepresentation",
            "REPRESENTATIONS", "build_representation"]

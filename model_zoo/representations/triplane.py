@@ -5,18 +5,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model_zoo.representations.base import Representation
+from model_zoo.representations.base import GridRepresentation
 
 # Which two coordinates index each plane; grid_sample reads (x, y) as (width, height).
 PLANE_AXES = ((0, 1), (0, 2), (1, 2))
 
 
-class TriplaneRepresentation(Representation):
+class TriplaneRepresentation(GridRepresentation):
     kind = "triplane"
 
-    def __init__(self, channels: int, resolution: int):
+    def __init__(self, channels: int, resolution: int, origin: str = "zeros", origin_scale: float = 0.1,
+                 origin_seed: int = 0):
         super().__init__()
         self.channels, self.resolution = channels, resolution
+        self._init_origin(origin, origin_scale, origin_seed)
 
     @property
     def state_shape(self) -> tuple[int, ...]:
@@ -27,14 +29,35 @@ class TriplaneRepresentation(Representation):
         return 3 * self.channels  # the three planes' features, concatenated
 
     @property
-    def is_grid(self) -> bool:
-        return True
+    def channel_axis(self) -> int:
+        return 1
+
+    def twin(self, channels: int) -> "TriplaneRepresentation":
+        return TriplaneRepresentation(channels, self.resolution)
+
+    def _coords(self, points: torch.Tensor, dtype) -> torch.Tensor:
+        batch, count, _ = points.shape
+        coords = torch.stack([points[..., list(axes)] for axes in PLANE_AXES], dim=1)  # (B, 3, N, 2)
+        return coords.reshape(batch * 3, 1, count, 2).to(dtype)
 
     def sample(self, state: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         batch, count, _ = points.shape
         planes = state.reshape(batch * 3, self.channels, self.resolution, self.resolution)
-        coords = torch.stack([points[..., list(axes)] for axes in PLANE_AXES], dim=1)  # (B, 3, N, 2)
-        coords = coords.reshape(batch * 3, 1, count, 2).to(planes.dtype)
-        features = F.grid_sample(planes, coords, mode="bilinear", padding_mode="border", align_corners=False)
+        features = F.grid_sample(planes, self._coords(points, planes.dtype), mode="bilinear", padding_mode="border",
+                                 align_corners=False)
         # (B*3, C, 1, N) -> (B, N, 3*C)
         return features.reshape(batch, 3, self.channels, count).permute(0, 3, 1, 2).reshape(batch, count, 3 * self.channels)
+
+    def splat(self, points: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        # grid_sample's own input-gradient kernel, without a forward pass on a probe.
+        batch, count, _ = points.shape
+        grad = values.reshape(batch, count, 3, self.channels).permute(0, 2, 3, 1).reshape(batch * 3, self.channels, 1, count)
+        shape = (batch * 3, self.channels, self.resolution, self.resolution)
+        planes, _ = torch.ops.aten.grid_sampler_2d_backward(
+            grad.contiguous(), values.new_zeros(()).expand(shape), self._coords(points.detach(), values.dtype),
+            0, 1, False, [True, False])  # bilinear, border padding, align_corners=False
+        return planes.reshape(batch, *self.state_shape)
+
+    def apply_feature_jacobian(self, twin_state: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+        per_plane = matrix.reshape(matrix.shape[0], 3, self.channels)  # (k, plane, C)
+        return torch.einsum("bpkhw,kpc->bpchw", twin_state, per_plane)

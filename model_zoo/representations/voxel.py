@@ -5,15 +5,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model_zoo.representations.base import Representation
+from model_zoo.representations.base import GridRepresentation
 
 
-class VoxelRepresentation(Representation):
+class VoxelRepresentation(GridRepresentation):
     kind = "voxel"
 
-    def __init__(self, channels: int, resolution: int):
+    def __init__(self, channels: int, resolution: int, origin: str = "zeros", origin_scale: float = 0.1,
+                 origin_seed: int = 0):
         super().__init__()
         self.channels, self.resolution = channels, resolution
+        self._init_origin(origin, origin_scale, origin_seed)
 
     @property
     def state_shape(self) -> tuple[int, ...]:
@@ -24,12 +26,32 @@ class VoxelRepresentation(Representation):
         return self.channels
 
     @property
-    def is_grid(self) -> bool:
-        return True
+    def channel_axis(self) -> int:
+        return 0
+
+    def twin(self, channels: int) -> "VoxelRepresentation":
+        return VoxelRepresentation(channels, self.resolution)
+
+    @staticmethod
+    def _coords(points: torch.Tensor, dtype) -> torch.Tensor:
+        # grid_sample on a 5-D input reads the last coordinate axis as (x, y, z) = (W, H, D).
+        batch, count, _ = points.shape
+        return points.reshape(batch, 1, 1, count, 3).to(dtype)
 
     def sample(self, state: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         batch, count, _ = points.shape
-        # grid_sample on a 5-D input reads the last coordinate axis as (x, y, z) = (W, H, D).
-        coords = points.reshape(batch, 1, 1, count, 3).to(state.dtype)
-        features = F.grid_sample(state, coords, mode="bilinear", padding_mode="border", align_corners=False)
+        features = F.grid_sample(state, self._coords(points, state.dtype), mode="bilinear", padding_mode="border",
+                                 align_corners=False)
         return features.reshape(batch, self.channels, count).transpose(1, 2)
+
+    def splat(self, points: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        # grid_sample's own input-gradient kernel, without a forward pass on a probe.
+        batch, count, _ = points.shape
+        grad = values.transpose(1, 2).reshape(batch, self.channels, 1, 1, count)
+        grid, _ = torch.ops.aten.grid_sampler_3d_backward(
+            grad.contiguous(), values.new_zeros(()).expand(batch, *self.state_shape),
+            self._coords(points.detach(), values.dtype), 0, 1, False, [True, False])
+        return grid
+
+    def apply_feature_jacobian(self, twin_state: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bkzyx,kc->bczyx", twin_state, matrix)
