@@ -168,6 +168,8 @@ def evaluate_reconstruction(model: GOEmbedFusion, pattern: str, context_views: i
         "resolution": resolution, "encode_resolution": model.config.encode_resolution,
         "psnr": mean("psnr"), "ssim": mean("ssim"),
         "lpips": mean("lpips") if lpips is not None else UNAVAILABLE,
+        # Per object, so two models can be compared by paired differences (python -m model_zoo.compare).
+        "per_object": {key: results[key] for key in sorted(results)},
     }
 
 
