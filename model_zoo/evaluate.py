@@ -195,7 +195,7 @@ def evaluate_generation(model: GOEmbedFusion, pattern: str, features: FeatureExt
     extractor = build_feature_extractor(features, seed=seed) if isinstance(features, str) else features
     extractor = extractor.to(device)
     sample_resolution = sample_resolution or model.config.encode_resolution
-    local: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    local: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
     used_views = None
     for object_id, images, K, c2w, background in iter_objects(pattern, resolution, max_objects, 4, num_workers,
                                                               storage_options, progress, desc="generation"):
@@ -218,7 +218,9 @@ def evaluate_generation(model: GOEmbedFusion, pattern: str, features: FeatureExt
                              steps=steps, guidance_scale=guidance_scale, resolution=sample_resolution,
                              generator=generator, sampler=sampler, guidance_on=guidance_on)
         fake = model.render(state, K[views][None], c2w[views][None], height, width, background[None])[0]
-        local[object_id] = (extractor(images[views]).cpu().numpy(), extractor(fake).cpu().numpy())
+        # PSNR to the object's own views: for conditional samples, how faithful they are to it.
+        fidelity = float(psnr(fake.float(), images[views]).mean())
+        local[object_id] = (extractor(images[views]).cpu().numpy(), extractor(fake).cpu().numpy(), fidelity)
     results = _gather(local)
     if not results:
         raise ValueError(f"no objects evaluated from {pattern}")
@@ -236,7 +238,9 @@ def evaluate_generation(model: GOEmbedFusion, pattern: str, features: FeatureExt
         "context_views": context_views, "steps": steps, "sampler": sampler, "guidance_scale": guidance_scale,
         "guidance_on": guidance_on,
         "sample_resolution": sample_resolution, "resolution": resolution, "features": extractor.name,
-        "fid": fid_from_features(real, generated), "kid": kid_mean, "kid_std": kid_std, "notes": notes,
+        "fid": fid_from_features(real, generated), "kid": kid_mean, "kid_std": kid_std,
+        # Mean PSNR of the renders to the true views; meaningful for conditional samples only.
+        "psnr_to_object": float(np.mean([results[key][2] for key in keys])), "notes": notes,
     }
 
 
