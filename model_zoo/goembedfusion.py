@@ -15,8 +15,8 @@ One training step for a batch of objects (DESIGN.md §2, DFM's recipe):
 Context dropout (``context_dropout``) empties the context group of some objects, which trains
 the unconditional model used by classifier-free guidance. With probability
 ``reconstruction_prob`` an object is trained in *reconstruction mode*: the target group is empty
-and a mode token (the denoiser's ``cond`` input) says so, which is exactly what
-:meth:`reconstruct` does at test time, deterministically. The token keeps the two regimes apart:
+and a mode flag (the denoiser's ``cond`` input) says so, which is exactly what
+:meth:`reconstruct` does at test time, deterministically. The flag keeps the two regimes apart:
 the first sampling step (t = T−1 with a pure-noise splat) is a generation step like any other.
 
 Sampling is delegated to the pure functions of :mod:`model_zoo.samplers`; :meth:`x0_predictor`
@@ -65,9 +65,9 @@ class ModelConfig:
     # groups: clean context and noisy target encoded into separate channel groups (DFM's per-view
     # features, context t = 0); summed: one encoding of all views (the first implementation).
     evidence: Evidence = "groups"
-    # A 0/1 token (the denoiser's cond input) marking reconstruction mode, so that it is not
-    # confused with generation at t = T-1.
-    mode_token: bool = True
+    # A 0/1 flag (the denoiser's cond input) marking reconstruction mode, so that it is not
+    # confused with generation at t = T-1. (Not "mode_token": saved configs redact any *token* field.)
+    mode_flag: bool = True
     train_decoder_through_encoder: bool = True  # create_graph=True: the loss reaches ψ through GOEmbed
     context_dropout: float = 0.1
     reconstruction_prob: float = 0.5
@@ -154,7 +154,7 @@ class GOEmbedFusion(nn.Module):
         denoiser_config = preset.denoiser_config(kind)
         if activation_checkpointing:  # recompute U-Net activations in backward: memory for compute
             denoiser_config = replace(denoiser_config, use_checkpoint=True)
-        if config.mode_token:
+        if config.mode_flag:
             denoiser_config = replace(denoiser_config, cond_dim=1)
         self.denoiser = build_denoiser(kind, representation.state_shape, denoiser_config,
                                        input_groups=2 if config.evidence == "groups" else 1)
@@ -242,9 +242,9 @@ class GOEmbedFusion(nn.Module):
         return 2 if self.config.representation == "triplane" else 1
 
     def denoise(self, encoding: torch.Tensor, t: torch.Tensor, reconstruction: torch.Tensor | None = None) -> torch.Tensor:
-        """ζ̂ from the denoiser input; ``reconstruction`` (B,) bool marks reconstruction mode (the token)."""
+        """ζ̂ from the denoiser input; ``reconstruction`` (B,) bool marks reconstruction mode (the flag)."""
         cond = None
-        if self.config.mode_token:
+        if self.config.mode_flag:
             flag = reconstruction if reconstruction is not None else torch.zeros(encoding.shape[0], dtype=torch.bool,
                                                                               device=encoding.device)
             cond = flag.to(encoding.dtype).unsqueeze(1)
@@ -295,7 +295,7 @@ class GOEmbedFusion(nn.Module):
 
         t = self.schedule.sample_timesteps(B, generator, device)
         reconstruction = uniform(B) < config.reconstruction_prob
-        # Reconstruction mode has no target evidence: t = T-1 ("nothing is known") plus its token.
+        # Reconstruction mode has no target evidence: t = T-1 ("nothing is known") plus its flag.
         t = torch.where(reconstruction, torch.full_like(t, config.num_timesteps - 1), t)
         height, width = self.encode_shape(*batch.target_images.shape[-2:])
         noise = torch.randn((B, 3, height, width), generator=generator, device=draw).to(device=device, dtype=dtype)
