@@ -4,7 +4,8 @@
         --out bench/learning/tiny_long.jsonl
 
 For each ``checkpoints/step_*`` (oldest first; ones already in ``--out`` are skipped, so it can be
-re-run while training continues): ``python -m model_zoo.export`` (EMA weights), then
+re-run while training continues): ``python -m model_zoo.export`` (EMA weights, or the trained ones
+with ``--no-ema``), then
 ``python -m model_zoo.evaluate --task both --context-views 3 --resolution 64 --features random``
 — PSNR/SSIM from 3 views and unconditional FID/KID with the random-feature extractor (comparable
 only with each other, never with published numbers). One JSON line per checkpoint, and a PNG of
@@ -30,11 +31,11 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in (run_dir / "checkpoints").glob("step_*") if (p / "MANIFEST.json").exists())
 
 
-def evaluate(checkpoint: Path, data: str, steps: int, max_objects: int | None) -> dict:
+def evaluate(checkpoint: Path, data: str, steps: int, max_objects: int | None, ema: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         export = os.path.join(tmp, "export")
-        subprocess.run([sys.executable, "-m", "model_zoo.export", str(checkpoint), export], check=True, cwd=ROOT,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "model_zoo.export", str(checkpoint), export] + ([] if ema else ["--no-ema"]),
+                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         out = os.path.join(tmp, "results.json")
         command = [sys.executable, "-m", "model_zoo.evaluate", "--model", export, "--data", data, "--task", "both",
                    "--context-views", "3", "--resolution", "64", "--features", "random", "--steps", str(steps),
@@ -46,7 +47,7 @@ def evaluate(checkpoint: Path, data: str, steps: int, max_objects: int | None) -
             results = json.load(f)
     rec, gen = results["reconstruction"], results["generation"]
     return {"step": int(checkpoint.name.split("_")[1]), "psnr": rec["psnr"], "ssim": rec["ssim"], "fid": gen["fid"],
-            "kid": gen["kid"], "objects": rec["objects"], "sampler_steps": steps}
+            "kid": gen["kid"], "objects": rec["objects"], "sampler_steps": steps, "weights": "ema" if ema else "trained"}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="JSON lines, one per checkpoint (appended; a PNG is written beside it)")
     parser.add_argument("--steps", type=int, default=10, help="sampler steps for generation")
     parser.add_argument("--max-objects", type=int, default=None)
+    parser.add_argument("--no-ema", action="store_true",
+                        help="the trained weights, not the EMA (an EMA of decay d still holds d^step of the initial weights)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     for checkpoint in checkpoints(Path(args.run_dir)):
         if int(checkpoint.name.split("_")[1]) in done:
             continue
-        row = evaluate(checkpoint, args.data, args.steps, args.max_objects)
+        row = evaluate(checkpoint, args.data, args.steps, args.max_objects, ema=not args.no_ema)
         print(json.dumps(row), flush=True)
         rows.append(row)
         with open(out, "a") as f:
