@@ -174,14 +174,15 @@ def evaluate_reconstruction(model: GOEmbedFusion, pattern: str, context_views: i
 
 
 # -- generation ---------------------------------------------------------------------------------
-# Defaults chosen from the measured quality-versus-steps curve (README, "Samplers").
-DEFAULT_SAMPLER = "ddim"
-DEFAULT_STEPS = 10
+# Defaults chosen from the measured quality-versus-steps curve (README, "Samplers"): DPM-Solver++(2M)
+# was better than DDIM at every step count, and 25 steps came within 0.015 FID of 50 at half the cost.
+DEFAULT_SAMPLER = "dpmpp_2m"
+DEFAULT_STEPS = 25
 
 @torch.no_grad()
 def evaluate_generation(model: GOEmbedFusion, pattern: str, features: FeatureExtractor | str = "random",
                         views_per_object: int = 10, context_views: int = 0, steps: int = DEFAULT_STEPS,
-                        guidance_scale: float = 1.0, sampler: str = DEFAULT_SAMPLER, guidance_on: str = "state",
+                        guidance_scale: float = 1.0, sampler: str = DEFAULT_SAMPLER, guidance_on: str = "x0",
                         sample_resolution: int | None = None, resolution: int | None = 128,
                         max_objects: int | None = None, seed: int = 0, kid_subsets: int = 100,
                         kid_subset_size: int = 1000, num_workers: int = 0, storage_options: dict | None = None,
@@ -267,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sampler", choices=tuple(SAMPLERS), default=DEFAULT_SAMPLER, help="see model_zoo/samplers.py")
     parser.add_argument("--guidance-scale", type=float, default=1.0,
                         help="classifier-free guidance (needs --generation-context-views > 0; 1 = none)")
-    parser.add_argument("--guidance-on", choices=("state", "x0"), default="state",
+    parser.add_argument("--guidance-on", choices=("state", "x0"), default="x0",
                         help="apply guidance to the 3D state ζ̂ or to its rendered x̂₀")
     parser.add_argument("--sample-resolution", type=int, default=None, help="sampler image width (default: encode_resolution)")
     parser.add_argument("--batch-size", type=int, default=4)
