@@ -7,7 +7,7 @@ For each ``checkpoints/step_*`` (oldest first; ones already in ``--out`` are ski
 re-run while training continues): ``python -m model_zoo.export`` (EMA weights, or the trained ones
 with ``--no-ema``), then
 ``python -m model_zoo.evaluate --task both --context-views 3 --resolution 64 --features random``
-— PSNR/SSIM from 3 views and unconditional FID/KID with the random-feature extractor (comparable
+— PSNR/SSIM from 3 views and unconditional FID/KID (DDIM, ``--steps``) with the random-feature extractor (comparable
 only with each other, never with published numbers). One JSON line per checkpoint, and a PNG of
 the curves beside ``--out``.
 """
@@ -38,7 +38,7 @@ def evaluate(checkpoint: Path, data: str, steps: int, max_objects: int | None, e
                        check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         out = os.path.join(tmp, "results.json")
         command = [sys.executable, "-m", "model_zoo.evaluate", "--model", export, "--data", data, "--task", "both",
-                   "--context-views", "3", "--resolution", "64", "--features", "random", "--steps", str(steps),
+                   "--context-views", "3", "--resolution", "64", "--features", "random", "--sampler", "ddim", "--steps", str(steps),
                    "--out", out]
         if max_objects:
             command += ["--max-objects", str(max_objects)]
@@ -47,7 +47,7 @@ def evaluate(checkpoint: Path, data: str, steps: int, max_objects: int | None, e
             results = json.load(f)
     rec, gen = results["reconstruction"], results["generation"]
     return {"step": int(checkpoint.name.split("_")[1]), "psnr": rec["psnr"], "ssim": rec["ssim"], "fid": gen["fid"],
-            "kid": gen["kid"], "objects": rec["objects"], "sampler_steps": steps, "weights": "ema" if ema else "trained"}
+            "kid": gen["kid"], "objects": rec["objects"], "sampler": "ddim", "sampler_steps": steps, "weights": "ema" if ema else "trained"}
 
 
 def plot(rows: list[dict], path: Path) -> None:
