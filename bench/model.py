@@ -8,12 +8,15 @@ after warm-up, with a device synchronisation around each timed region on GPU. Pe
 
 * ``render``: rays/s of ``VolumeRenderer.render_rays`` on a random state, forward only (no grad)
   and forward + backward (MSE on rgb, gradients to the state and the decoder ψ);
-* ``goembed``: time of ``goembed(...)`` with create_graph False / True on the same rays, as a ratio
-  to one forward render of those rays. The method's claim is "one render + one backward", so
-  ``forward_backward_vs_forward`` (measured on the same rays) is the yardstick for those ratios;
+* ``goembed``: time of ``goembed(...)`` on the same rays, as a ratio to one forward render of those
+  rays: plain, with ``create_graph`` (ψ trained through it), and with ``create_graph`` plus the
+  backward of a loss on ζ_enc into ψ. For grids both the closed form (the default, ``auto``) and the
+  autograd reference are timed in the same run (before/after); the MLP has only the autograd form.
+  ``forward_backward_vs_forward`` (a render and its backward) is what autograd GOEmbed costs at least;
 * ``train_step``: one step of the composed model on a real batch from the streaming reader,
   timed part by part through ``GOEmbedFusion.forward``'s ``on_part`` callback (the model's own
-  code, no copy of it).
+  code, no copy of it), and ``encoder_share``: 1 − (the same step with a zero encoding) / (this
+  step), the encoder's forward and backward together.
 
 Absolute numbers depend on the machine; ratios and fractions are what to compare.
 """
@@ -38,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_pipeline.reader import ReaderConfig, StreamingReader
 from data_pipeline.synthetic import generate_dataset
-from model_zoo.goembed import RayBatch, goembed
+from model_zoo.goembed import RayBatch, closed_form_applies, goembed
 from model_zoo.goembedfusion import GOEmbedFusion, ModelConfig
 
 REPRESENTATIONS = ("triplane", "voxel", "mlp")
@@ -107,30 +110,44 @@ def bench_renderer(model: GOEmbedFusion, bench: Bench, batch: int, rays_per_obje
 
     # GOEmbed over the same rays, seen as `views` views of rays_per_object / views rays each.
     rays = RayBatch(origins, directions, colours, views)
+    probe = torch.randn(batch, *renderer.representation.state_shape, generator=generator).to(device)
+    decoder_params = list(renderer.decoder.parameters())
 
-    def encode(create_graph: bool):
+    def encode(method: str, create_graph: bool, backward: bool = False):
         def run():
             with bench.autocast():
-                goembed(renderer, rays, background, create_graph=create_graph,
-                        normalisation=model.config.goembed_normalisation)
+                encoding = goembed(renderer, rays, background, create_graph=create_graph,
+                                   normalisation=model.config.goembed_normalisation, method=method)
+            if backward:  # ψ trained through the encoder: a loss on ζ_enc, back into ψ
+                torch.autograd.grad((encoding.float() * probe).sum(), decoder_params)
         return run
 
     forward_s, forward_backward_s = bench.median_s(forward), bench.median_s(forward_backward)
-    goembed_s, goembed_graph_s = bench.median_s(encode(False)), bench.median_s(encode(True))
     total_rays = batch * rays_per_object
-    return {
+    result = {
         "render": {
             "rays": total_rays, "samples_per_ray": renderer.samples_per_ray,
             "forward_ms": round(forward_s * 1e3, 2), "forward_backward_ms": round(forward_backward_s * 1e3, 2),
             "forward_rays_per_s": round(total_rays / forward_s), "forward_backward_rays_per_s": round(total_rays / forward_backward_s),
         },
-        "goembed": {
-            "normalisation": model.config.goembed_normalisation, "views": views,
-            "ms": round(goembed_s * 1e3, 2), "create_graph_ms": round(goembed_graph_s * 1e3, 2),
-            "vs_forward": round(goembed_s / forward_s, 2), "create_graph_vs_forward": round(goembed_graph_s / forward_s, 2),
-            "forward_backward_vs_forward": round(forward_backward_s / forward_s, 2),
-        },
+        "goembed": {"normalisation": model.config.goembed_normalisation, "views": views,
+                    "forward_backward_vs_forward": round(forward_backward_s / forward_s, 2)},
     }
+    # "auto" is the closed form on grids with the zero origin; "autograd" is the reference (and the
+    # only way for the MLP), measured in the same run as the before/after of the closed form.
+    methods = ("auto", "autograd") if closed_form_applies(renderer) else ("autograd",)
+    for method in methods:
+        name = "closed_form" if method == "auto" else "autograd"
+        plain = bench.median_s(encode(method, False))
+        graph = bench.median_s(encode(method, True))
+        trained = bench.median_s(encode(method, True, backward=True))
+        result["goembed"][name] = {
+            "ms": round(plain * 1e3, 2), "create_graph_ms": round(graph * 1e3, 2),
+            "create_graph_and_backward_ms": round(trained * 1e3, 2),
+            "vs_forward": round(plain / forward_s, 3), "create_graph_vs_forward": round(graph / forward_s, 3),
+            "create_graph_and_backward_vs_forward": round(trained / forward_s, 3),
+        }
+    return result
 
 
 def bench_train_step(model: GOEmbedFusion, bench: Bench, batch) -> dict:
@@ -269,6 +286,13 @@ def main() -> None:
         entry.update(bench_renderer(model, bench, batch.num_objects, args.rays_per_object, batch.num_context_views + 1))
         log(f"{kind}: training step")
         entry["train_step"] = bench_train_step(model, bench, batch)
+        # The encoder's whole share of a step (its forward and its part of the backward): the same
+        # step with a zero encoding instead, same weights and batch.
+        torch.manual_seed(0)
+        plain = GOEmbedFusion(ModelConfig(preset=args.preset, representation=kind, encoder="zeros")).to(device)
+        without = bench_train_step(plain, bench, batch)["ms"]["total"]
+        entry["train_step"]["zero_encoding_total_ms"] = without
+        entry["train_step"]["encoder_share"] = round(1 - without / entry["train_step"]["ms"]["total"], 3)
         result["representations"][kind] = entry
     result["wall_s"] = round(time.perf_counter() - start, 1)
     print(json.dumps(result))

@@ -69,7 +69,7 @@ def evaluate_novel_views(model: GOEmbedFusion, holdout_pattern: str, context_vie
         holdout_pattern, batch_size=4, context_views_min=context_views, context_views_max=context_views,
         target_views=1, resolution=model.config.encode_resolution, num_workers=0, seed=seed, shuffle=False,
         drop_last=False))
-    model_psnr, baseline_psnr, objects = [], [], 0
+    model_psnr, baseline_psnr, ids, objects = [], [], [], 0
     for batch in reader:
         context = Views(batch.context_images, batch.context_K, batch.context_c2w)
         state = model.reconstruct(context, batch.background)
@@ -82,12 +82,15 @@ def evaluate_novel_views(model: GOEmbedFusion, holdout_pattern: str, context_vie
         else:
             mean_colour = torch.full_like(target[:, :, :, :1, :1], 0.5)
         baseline_psnr += psnr(((mean_colour - target) ** 2).flatten(1).mean(1)).tolist()
+        ids += list(batch.object_ids)
         objects += batch.num_objects
         if objects >= max_objects:
             break
     model.train()
+    # Per object too (same objects, same context views for every model at the same seed): paired comparisons.
     return {"psnr": sum(model_psnr) / len(model_psnr), "baseline_mean_colour_psnr": sum(baseline_psnr) / len(baseline_psnr),
-            "objects": objects}
+            "objects": objects, "per_object": dict(zip(ids, model_psnr)),
+            "baseline_per_object": dict(zip(ids, baseline_psnr))}
 
 
 @torch.no_grad()

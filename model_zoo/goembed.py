@@ -26,8 +26,9 @@ Two ways to compute it (``method``):
   its weights as for any forward). Training ψ through it is first-order autograd through J,
   σ₀, c₀ and the (linear) splat, whose adjoint is one sampling of the 4-channel twin grid.
   The price of this structure: the encoding is Jᵀ times 4 channels, rank ≤ 4 per block whatever
-  C is (the same information as unprojection). The variants that escape it (model_zoo/
-  goembed_variants.py) use the autograd path.
+  C is (the same information as unprojection). The variants that escape it (a grid ``origin``
+  of "random" or "learned", ``FieldDecoder(point_frequencies > 0)``; rank and cost measured by
+  bench/goembed_variants.py) use the autograd path.
 
 Normalisation (the paper's exact scaling is not known to us; it is a measured choice, see the
 README and model_zoo/plenoptic_encoding.py):
@@ -40,7 +41,10 @@ README and model_zoo/plenoptic_encoding.py):
   times the object's mean coverage over the cells any ray reached. The floor is relative to the
   coverage's own scale, so the encoding does not change when the rays per view, the samples per
   ray or the views are multiplied (tests/test_goembed.py); cells no ray reached stay zero.
-  Falls back to ``"views"`` for non-grid states.
+  A non-grid state (the MLP) has no cells: the whole encoding is divided by the object's total
+  coverage, Σ over its rays of the origin's opacity per view-pixel (views × mean origin opacity),
+  which is scale-free in the same way. (Dividing by the views alone, as before, left the MLP
+  encoding proportional to σ₀: ~2e-5 with the blank origin, too small for the denoiser to use.)
 """
 
 from __future__ import annotations
@@ -115,7 +119,7 @@ def goembed(renderer: VolumeRenderer, rays: RayBatch, background: torch.Tensor, 
         return (encoding, stats) if return_stats else encoding
     run = _closed_form if method == "closed_form" else _autograd
     encoding, coverage_per_view, opacity = run(renderer, rays, background, create_graph, normalisation)
-    encoding = _normalise(encoding, coverage_per_view, rays, representation, normalisation, coverage_eps)
+    encoding = _normalise(encoding, coverage_per_view, opacity, rays, representation, normalisation, coverage_eps)
     if not return_stats:
         return encoding
     hit = intersect_box(rays.origins, rays.directions, renderer.box_half_size)[2].to(opacity.dtype)
@@ -130,11 +134,12 @@ def _loss_scale(rays: RayBatch) -> float:
 
 def _autograd(renderer, rays, background, create_graph, normalisation):
     representation = renderer.representation
-    origin = representation.origin(background.shape[0], device=rays.origins.device, dtype=rays.origins.dtype)
     keep = normalisation == "coverage" and representation.is_grid
     with torch.enable_grad():
+        # Inside enable_grad: a learned origin stays a function of its parameter even under no_grad.
+        origin = representation.origin(background.shape[0], device=rays.origins.device, dtype=rays.origins.dtype)
         if not origin.requires_grad:
-            origin.requires_grad_(True)
+            origin = origin.detach().clone().requires_grad_(True)
         out = renderer.render_rays(origin, rays.origins, rays.directions, background, stratified=False, keep_samples=keep)
         squared = ((out.rgb - rays.colours) ** 2).sum(dim=-1)
         if rays.ray_weights is not None:
@@ -148,20 +153,25 @@ def _autograd(renderer, rays, background, create_graph, normalisation):
     return -gradient, cover, out.opacity
 
 
-class _Splat(torch.autograd.Function):
-    """``representation.splat`` as an autograd op: it is linear in the values, and its adjoint is
-    ``representation.sample`` (first-order only; the points are fixed ray geometry)."""
+class _SharedSplat(torch.autograd.Function):
+    """``twin.splat_shared`` as an autograd op. It is linear in the values and its adjoint is
+    ``sample_shared`` (first-order only; the points are fixed ray geometry). Only the first
+    ``backward_twin.channels`` channels carry gradient (the coverage channel does not)."""
 
     @staticmethod
-    def forward(ctx, values, points, representation):
+    def forward(ctx, values, points, twin, backward_twin):
         ctx.save_for_backward(points)
-        ctx.representation = representation
-        return representation.splat(points, values)
+        ctx.backward_twin, ctx.axis, ctx.channels = backward_twin, twin.channel_axis + 1, twin.channels
+        return twin.splat_shared(points, values)
 
     @staticmethod
     def backward(ctx, grad):
         (points,) = ctx.saved_tensors
-        return ctx.representation.sample(grad.contiguous(), points), None, None
+        kept = ctx.backward_twin.channels
+        grad_values = ctx.backward_twin.sample_shared(grad.narrow(ctx.axis, 0, kept).contiguous(), points)
+        if kept < ctx.channels:
+            grad_values = torch.nn.functional.pad(grad_values, (0, ctx.channels - kept))
+        return grad_values, None, None, None
 
 
 def _closed_form(renderer, rays, background, create_graph, normalisation):
@@ -202,25 +212,30 @@ def _closed_form(renderer, rays, background, create_graph, normalisation):
                 counted = weights if rays.ray_weights is None else weights * rays.ray_weights.to(work).unsqueeze(-1)
                 payload.append(counted.detach().unsqueeze(-1))
             payload = torch.cat(payload, -1)  # (B, N, S, k)
-            k = payload.shape[-1]
-            blocks = representation.feature_blocks
-            values = payload.reshape(batch, -1, 1, k).expand(-1, -1, blocks, -1).reshape(batch, -1, blocks * k)
-            twin = representation.twin(k)
-            splat = _Splat.apply(values, points.reshape(batch, -1, 3).detach(), twin)  # (B, *twin shape)
+            twin = representation.twin(payload.shape[-1])
+            backward_twin = representation.twin(4) if cover else twin
+            splat = _SharedSplat.apply(payload.reshape(batch, -1, payload.shape[-1]), points.reshape(batch, -1, 3).detach(),
+                                       twin, backward_twin)  # (B, *twin shape): every block gets the same payload
             axis = representation.channel_axis + 1
             gradient = representation.apply_feature_jacobian(splat.narrow(axis, 0, 4), jacobian)
             coverage_per_view = splat.narrow(axis, 4, 1).detach() if cover else None
     return -gradient.to(rays.origins.dtype), coverage_per_view, (1.0 - remaining)
 
 
-def _normalise(encoding, cover, rays, representation, normalisation, coverage_eps):
+def _normalise(encoding, cover, opacity, rays, representation, normalisation, coverage_eps):
     if normalisation == "sum":
         return encoding
-    if normalisation == "views" or not representation.is_grid:
+    if normalisation == "views":
         per_object = rays.views_per_object().clamp_min(1.0).to(encoding.dtype)
         return encoding / per_object.view(-1, *([1] * (encoding.dim() - 1)))
-    # Coverage per view-pixel (Σ of rendering weights / rays per view), in fp32 at least.
     work = torch.promote_types(encoding.dtype, torch.float32)
+    if not representation.is_grid:  # one "cell": the object's total coverage per view-pixel
+        counted = opacity.detach().to(work)
+        if rays.ray_weights is not None:
+            counted = counted * rays.ray_weights.to(work)
+        total = (counted.sum(1) / rays.rays_per_view).view(-1, *([1] * (encoding.dim() - 1)))
+        return torch.where(total > 0, encoding.to(work) / total.clamp_min(torch.finfo(work).tiny), 0.0).to(encoding.dtype)
+    # Coverage per view-pixel (Σ of rendering weights / rays per view), in fp32 at least.
     cover = cover.to(work) / rays.rays_per_view
     flat = cover.flatten(1)
     reached = flat > 0

@@ -143,6 +143,9 @@ class GOEmbedFusion(nn.Module):
             representation = build_representation(kind, channels=preset.triplane_channels, resolution=preset.triplane_resolution, **origin)
         elif kind == "voxel":
             representation = build_representation(kind, channels=preset.voxel_channels, resolution=preset.voxel_resolution, **origin)
+        elif kind == "hashgrid":  # GOEmbed, the renderer and the experiments' encoders take it; no 3D denoiser yet
+            raise ValueError("ModelConfig.representation 'hashgrid' has no denoiser yet (model_zoo/unet.py): use it "
+                             "through model_zoo.representations and goembed directly")
         else:
             if config.goembed_origin != "zeros":
                 raise ValueError(f"ModelConfig.goembed_origin applies to grids; the {kind!r} origin is fixed")

@@ -1,89 +1,178 @@
 """The Plenoptic-Encoding experiment, in miniature: how much does each encoder tell a network?
 
-    python -m model_zoo.plenoptic_encoding [--quick] [--steps N] [--out results.json]
+    python -m model_zoo.plenoptic_encoding --quick [--out results.json]     # < 15 min on 2 CPU cores
+    python -m model_zoo.plenoptic_encoding --full  [--out results.json]     # 3 seeds, 96 held-out objects, 1000 steps
 
 For each representation (triplane, voxel grid, per-object MLP) the same network — the preset's
 denoiser as a reconstruction network, plus the field decoder ψ — is trained from scratch to
 reconstruct objects from 3 context views, given the views encoded by
 
-  (a) GOEmbed (gradient-origin embedding; also with each normalisation, on the triplane),
-  (b) unprojection (mean colour of the pixels whose rays cross each cell; grids only),
+  (a) GOEmbed and its variants: the zero origin (closed form; rank ≤ 4 per plane/grid), ψ that
+      also reads a positional encoding of the point, a fixed random grid origin, a learned one
+      (``--full``), and the normalisations ``views`` and ``sum`` (``--full``, triplane);
+  (b) unprojection (mean colour of the pixels whose rays cross each cell; grids only);
   (c) no encoding (zeros: the network can only learn an average object),
 
-and scored by novel-view PSNR on held-out objects of the synthetic dataset, beside a baseline
-that predicts each object's mean context colour. Prints one JSON table.
+with ψ trained through the encoder (``create_graph``) wherever the encoder depends on ψ, and
+scored by novel-view PSNR on the same held-out objects (same context views) of the synthetic
+dataset. Comparisons are paired per object: for every GOEmbed row against unprojection and
+against zeros of the same representation, the mean of the per-object PSNR differences (a − b,
+each object's difference averaged over seeds first) with a two-sided 95% Student-t interval over
+objects. Prints one JSON document: ``rows`` and ``comparisons``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
+from scipy import stats
 
 from data_pipeline.synthetic import generate_dataset
 from model_zoo.experiment import FitConfig, evaluate_novel_views, fit
 from model_zoo.goembedfusion import GOEmbedFusion, ModelConfig
 
-# (representation, encoder, GOEmbed normalisation) per row; unprojection needs grid cells.
-RUNS = [
-    ("triplane", "goembed", "coverage"), ("triplane", "unprojection", None), ("triplane", "zeros", None),
-    ("voxel", "goembed", "coverage"), ("voxel", "unprojection", None), ("voxel", "zeros", None),
-    ("mlp", "goembed", "coverage"), ("mlp", "zeros", None),
-    ("triplane", "goembed", "views"), ("triplane", "goembed", "sum"),
+
+@dataclass(frozen=True)
+class Run:
+    representation: str
+    encoder: str  # goembed | unprojection | zeros
+    variant: str | None = None  # GOEmbed: zero origin | positional psi | random origin | learned origin
+    normalisation: str | None = None  # GOEmbed only
+
+    def key(self) -> dict:
+        return {"representation": self.representation, "encoder": self.encoder, "variant": self.variant,
+                "normalisation": self.normalisation}
+
+    def model_config(self, resolution: int) -> ModelConfig:
+        extra = {}
+        if self.variant == "positional psi":
+            extra["decoder_point_frequencies"] = 4
+        elif self.variant in ("random origin", "learned origin"):
+            extra["goembed_origin"] = self.variant.split()[0]
+        return ModelConfig(representation=self.representation, encoder=self.encoder,
+                           goembed_normalisation=self.normalisation or "coverage", encode_resolution=resolution,
+                           reconstruction_prob=1.0, context_dropout=0.0, train_decoder_through_encoder=True,
+                           rays_per_view=256, **extra)
+
+
+def goembed(representation: str, variant: str = "zero origin", normalisation: str = "coverage") -> Run:
+    return Run(representation, "goembed", variant, normalisation)
+
+
+QUICK = [
+    *(r for kind in ("triplane", "voxel") for r in (
+        goembed(kind), goembed(kind, "positional psi"), goembed(kind, "random origin"),
+        Run(kind, "unprojection"), Run(kind, "zeros"))),
+    goembed("mlp"), Run("mlp", "zeros"),
 ]
+FULL = QUICK + [goembed("triplane", "learned origin"), goembed("voxel", "learned origin"),
+                goembed("triplane", normalisation="views"), goembed("triplane", normalisation="sum")]
 
 
-def run_one(representation: str, encoder: str, normalisation: str | None, train: str, holdout: str,
-            steps: int, seed: int, resolution: int) -> dict:
+def run_one(run: Run, train: str, holdout: str, steps: int, seed: int, resolution: int, heldout: int) -> dict:
     torch.manual_seed(seed)
-    model = GOEmbedFusion(ModelConfig(
-        representation=representation, encoder=encoder, goembed_normalisation=normalisation or "coverage",
-        encode_resolution=resolution, reconstruction_prob=1.0, context_dropout=0.0,
-        # ψ learns from the rendering loss; not differentiating through the encoder keeps every
-        # encoder on the same footing (and the run 3x cheaper on a CPU).
-        train_decoder_through_encoder=False, rays_per_view=256))
+    model = GOEmbedFusion(run.model_config(resolution))
     start = time.perf_counter()
     history = fit(model, train, FitConfig(steps=steps, lr=2e-3, seed=seed), progress=True)
-    scores = evaluate_novel_views(model, holdout, context_views=3)
-    return {"representation": representation, "encoder": encoder, "normalisation": normalisation,
-            "heldout_psnr": round(scores["psnr"], 2), "mean_colour_baseline_psnr": round(scores["baseline_mean_colour_psnr"], 2),
-            "final_train_loss": round(sum(h["loss"] for h in history[-10:]) / 10, 4), "steps": steps,
-            "seconds": round(time.perf_counter() - start, 1), "heldout_objects": scores["objects"]}
+    seconds = time.perf_counter() - start
+    scores = evaluate_novel_views(model, holdout, context_views=3, max_objects=heldout, seed=seed)
+    last = history[-10:]
+    return {"psnr": scores["psnr"], "baseline": scores["baseline_mean_colour_psnr"], "per_object": scores["per_object"],
+            "final_train_loss": sum(h["loss"] for h in last) / len(last), "seconds": seconds,
+            "seconds_per_step": seconds / steps,
+            "origin_opacity": (sum(h.get("origin_opacity", 0.0) for h in last) / len(last)) if run.encoder == "goembed" else None}
+
+
+def paired(a: dict[str, list[float]], b: dict[str, list[float]]) -> dict:
+    """Mean per-object difference a − b (each object's runs averaged over seeds) and its 95% t interval."""
+    common = sorted(set(a) & set(b))
+    deltas = [sum(a[o]) / len(a[o]) - sum(b[o]) / len(b[o]) for o in common]
+    n = len(deltas)
+    mean = sum(deltas) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in deltas) / (n - 1)) if n > 1 else float("nan")
+    half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n) if n > 1 else float("nan")
+    return {"delta_psnr": round(mean, 3), "ci95": [round(mean - half, 3), round(mean + half, 3)], "objects": n}
+
+
+def compare(runs: list[Run], per_object: dict[Run, dict[str, list[float]]], seeds: int) -> list[dict]:
+    comparisons = []
+    for a in runs:
+        if a.encoder != "goembed":
+            continue
+        for baseline in ("unprojection", "zeros"):
+            b = Run(a.representation, baseline)
+            if b not in per_object:
+                continue
+            result = paired(per_object[a], per_object[b])
+            low, high = result["ci95"]
+            verdict = "a better" if low > 0 else "b better" if high < 0 else "no difference resolved"
+            comparisons.append({"a": a.key(), "b": b.key(), **result, "seeds": seeds, "verdict": verdict,
+                                "interval": "two-sided 95% Student-t over per-object paired differences"})
+    return comparisons
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="150 steps per run: under 10 minutes on a 2-core CPU")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 150 with --quick, else 600)")
-    parser.add_argument("--objects", type=int, default=128, help="synthetic objects (1/8 held out; default %(default)s)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="1 seed, 120 steps, 32 held-out objects, the QUICK rows")
+    mode.add_argument("--full", action="store_true", help="3 seeds, 1000 steps, 96 held-out objects, the FULL rows")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per run (overrides the mode)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per run (overrides the mode)")
+    parser.add_argument("--heldout", type=int, default=None, help="held-out objects scored (overrides the mode)")
     parser.add_argument("--resolution", type=int, default=32, help="image width in pixels (default %(default)s)")
+    parser.add_argument("--encode-resolution", type=int, default=None,
+                        help="views are resized to this width for every encoder (default 16 with --quick, else 32)")
     parser.add_argument("--data", default=None, help="directory of synthetic shards (default: a fresh temporary one)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: tiny ops on few cores)")
-    parser.add_argument("--out", default=None, help="also write the JSON table here")
+    parser.add_argument("--out", default=None, help="also write the JSON document here")
     args = parser.parse_args(argv)
-    steps = args.steps or (150 if args.quick else 600)
+    full = args.full
+    steps = args.steps or (1000 if full else 120)
+    seeds = args.seeds or (3 if full else 1)
+    heldout = args.heldout or (96 if full else 32)
+    runs = FULL if full else QUICK
+    encode_resolution = args.encode_resolution or (32 if full else 16)
     torch.set_num_threads(args.threads)
 
+    start = time.perf_counter()
+    objects = heldout * 8  # 1/8 held out
     data = args.data or tempfile.mkdtemp(prefix="plenoptic-")
     if not os.path.exists(os.path.join(data, "train-000000.tar")):
-        generate_dataset(data, objects=args.objects, views=16, resolution=args.resolution, seed=1,
+        generate_dataset(data, objects=objects, views=16, resolution=args.resolution, seed=1,
                          holdout_fraction=0.125, progress=False)
     train, holdout = os.path.join(data, "train-*.tar"), os.path.join(data, "holdout-*.tar")
-    rows = []
-    for representation, encoder, normalisation in RUNS:
-        rows.append(run_one(representation, encoder, normalisation, train, holdout, steps, args.seed, args.resolution))
-        print(json.dumps(rows[-1]), file=sys.stderr)
+    rows, per_object = [], {}
+    for run in runs:
+        results = [run_one(run, train, holdout, steps, seed, encode_resolution, heldout) for seed in range(seeds)]
+        per_object[run] = {}
+        for result in results:
+            for obj, value in result["per_object"].items():
+                per_object[run].setdefault(obj, []).append(value)
+        mean = lambda key: sum(r[key] for r in results) / len(results)  # noqa: E731
+        row = {**run.key(), "heldout_psnr": round(mean("psnr"), 2), "heldout_psnr_per_seed": [round(r["psnr"], 2) for r in results],
+               "mean_colour_baseline_psnr": round(mean("baseline"), 2), "final_train_loss": round(mean("final_train_loss"), 4),
+               "origin_opacity": None if run.encoder != "goembed" else round(mean("origin_opacity"), 4),
+               "steps": steps, "seeds": seeds, "seconds": round(sum(r["seconds"] for r in results), 1),
+               "seconds_per_step": round(mean("seconds_per_step"), 3), "heldout_objects": len(per_object[run])}
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
     rows.append({"representation": "mlp", "encoder": "unprojection", "heldout_psnr": None,
                  "note": "an MLP's weights have no cells for rays to cross"})
-    table = {"experiment": "plenoptic_encoding", "steps_per_run": steps, "objects": args.objects,
-             "resolution": args.resolution, "context_views": 3, "rows": rows}
-    text = json.dumps(table)
+    document = {"experiment": "plenoptic_encoding", "mode": "full" if full else "quick", "steps_per_run": steps,
+                "seeds": seeds, "objects": objects, "heldout_objects": heldout, "resolution": args.resolution,
+                "encode_resolution": encode_resolution,
+                "context_views": 3, "decoder_trained_through_encoder": True, "rows": rows,
+                "comparisons": compare(runs, per_object, seeds), "wall_seconds": round(time.perf_counter() - start, 1),
+                "cpu_count": os.cpu_count(), "load_average_at_end": list(os.getloadavg())}
+    text = json.dumps(document)
     print(text)
     if args.out:
         with open(args.out, "w") as f:

@@ -204,6 +204,12 @@ def test_closed_form_is_dtype_robust_under_bf16_autocast():
     assert low.dtype == torch.float32 and torch.isfinite(low).all()
     # Only ψ(0) and J are computed in bf16 (3 significant digits); the splat and normalisation are fp32.
     assert (low - reference).abs().max() < 0.05 * reference.abs().max()
+    # A model cast to bf16 (as DeepSpeed does) with fp32 rays: fp32 encoding, bf16 gradients into ψ.
+    renderer.to(torch.bfloat16)
+    cast = goembed(renderer, rays, torch.ones(1, 3), create_graph=True)
+    assert cast.dtype == torch.float32 and (cast - reference).abs().max() < 0.05 * reference.abs().max()
+    cast.sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in renderer.decoder.parameters())
 
 
 # -- scale-free coverage normalisation -----------------------------------------------------------
@@ -223,7 +229,7 @@ def repeat_views(rays: RayBatch, times: int) -> RayBatch:
                     None if rays.ray_weights is None else cat(rays.ray_weights))
 
 
-@pytest.mark.parametrize("kind", GRIDS)
+@pytest.mark.parametrize("kind", [*GRIDS, "mlp"])
 def test_coverage_normalisation_is_unchanged_when_rays_views_or_samples_are_scaled(kind):
     renderer = make_renderer(kind, samples=24)
     rays = three_views(torch.float64, size=6)
@@ -238,6 +244,10 @@ def test_coverage_normalisation_is_unchanged_when_rays_views_or_samples_are_scal
     coarse, fine = (goembed(r, rays, background, normalisation="coverage") for r in (make_renderer(kind, samples=48), finer))
     relative = (coarse - fine).norm() / fine.norm()
     assert relative < 0.05, relative
+    # Nor with the origin's density (σ₀ = 0.01 vs 0.001): the raw gradient is proportional to it.
+    thinner = make_renderer(kind, samples=24, origin_density=0.001)
+    ratio = goembed(thinner, rays, background, normalisation="coverage").norm() / base.norm()
+    assert 0.8 < ratio < 1.25, ratio
     # The raw gradient is not scale-free (it doubles with the views); that is what normalisation is for.
     raw = goembed(renderer, rays, background, normalisation="sum")
     torch.testing.assert_close(goembed(renderer, repeat_views(rays, 2), background, normalisation="sum"), 2 * raw)
@@ -273,3 +283,67 @@ def test_origin_opacity_is_reported_and_stays_blank_when_psi_changes(kind):
     # σ(0) = origin_density exactly, so the opacity of a ray of length ℓ is 1 - exp(-0.01 ℓ): 1.4-3.4% in the box.
     assert 0.005 < first < 0.035 and abs(float(stats["origin_opacity"]) - first) < 1e-6
     assert abs(float(reference["origin_opacity"]) - first) < 1e-6
+
+
+def test_hash_grid_encoding_lands_only_in_the_rows_its_rays_read():
+    renderer = make_renderer("hashgrid", samples=24)
+    rep = renderer.representation
+    rays = camera_rays([[3.0, 0.2, 0.1]], size=9, rays=torch.tensor([[[40, 41, 30]]]))
+    encoding = goembed(renderer, rays, torch.ones(1, 3, dtype=torch.float64), normalisation="sum")[0]
+    out = renderer.render_rays(rep.origin(1, dtype=torch.float64), rays.origins, rays.directions,
+                               torch.ones(1, 3, dtype=torch.float64), keep_samples=True)
+    rows, _ = rep.corners(out.points.reshape(1, -1, 3))
+    read = torch.zeros(rep.levels * rep.table_size, dtype=torch.bool)
+    read[rows.reshape(-1)] = True
+    written = encoding.abs().amax(dim=-1).reshape(-1) > 0  # (L*T,)
+    assert written.any() and not (written & ~read).any(), "GOEmbed wrote into hash rows no sample reads"
+    assert written.sum() < 0.5 * written.numel()
+
+
+# -- variants that carry more than unprojection ---------------------------------------------------
+
+def encoding_rank(renderer, encoding) -> int:
+    rep = renderer.representation
+    state = encoding[0]
+    block = state.reshape(rep.channels, -1) if rep.kind == "voxel" else state[0].reshape(rep.channels, -1)
+    singular = torch.linalg.svdvals(block)
+    return int((singular > 1e-6 * singular.max()).sum())
+
+
+@pytest.mark.parametrize("kind", ["voxel", "triplane"])
+def test_zero_origin_is_rank_4_and_the_variants_are_not(kind):
+    rays = three_views(torch.float64, size=8)
+    background = torch.ones(1, 3, dtype=torch.float64)
+    zero = make_renderer(kind, channels=8, layers=2)
+    assert encoding_rank(zero, goembed(zero, rays, background)) == 4  # Jᵀ times 4 channels
+    positional = make_renderer(kind, channels=8, layers=2, point_frequencies=2)
+    assert encoding_rank(positional, goembed(positional, rays, background)) == 8
+    for origin in ("random", "learned"):
+        torch.manual_seed(0)
+        rep = build_representation(kind, **representation_kwargs(kind, channels=8), origin=origin)
+        renderer = VolumeRenderer(rep, FieldDecoder(rep.feature_dim, hidden=8, layers=2), samples_per_ray=12).double()
+        assert encoding_rank(renderer, goembed(renderer, rays, background)) == 8
+
+
+def test_random_origin_goembed_equals_finite_differences_and_a_learned_origin_trains():
+    torch.manual_seed(0)
+    rep = build_representation("voxel", channels=3, resolution=6, origin="random", origin_scale=0.5)
+    renderer = VolumeRenderer(rep, FieldDecoder(rep.feature_dim, hidden=8, layers=1), samples_per_ray=12).double()
+    rays = camera_rays([[2.5, 0.3, 0.4], [-0.5, 2.6, 0.8]])
+    background = torch.ones(1, 3, dtype=torch.float64)
+    encoding = goembed(renderer, rays, background, normalisation="sum")
+    origin = rep.origin(1, dtype=torch.float64)
+    flat = origin.reshape(-1)
+    for i in encoding.reshape(-1).abs().topk(4).indices.tolist():
+        plus, minus = flat.clone(), flat.clone()
+        plus[i] += 1e-6
+        minus[i] -= 1e-6
+        derivative = (mse_loss(renderer, plus.reshape(origin.shape), rays, background)
+                      - mse_loss(renderer, minus.reshape(origin.shape), rays, background)) / 2e-6
+        torch.testing.assert_close(encoding.reshape(-1)[i], -derivative, rtol=1e-5, atol=1e-9)
+    learned = build_representation("voxel", channels=3, resolution=6, origin="learned")
+    trainable = VolumeRenderer(learned, FieldDecoder(3, hidden=8, layers=1), samples_per_ray=12).double()
+    goembed(trainable, rays, background, create_graph=True).square().sum().backward()
+    assert learned._origin_param.grad is not None and learned._origin_param.grad.abs().sum() > 0
+    with torch.no_grad():  # evaluation: still an encoding, no graph
+        assert not goembed(trainable, rays, background).requires_grad

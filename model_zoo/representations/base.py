@@ -77,15 +77,12 @@ class GridRepresentation(Representation):
         if origin not in ORIGINS:
             raise ValueError(f"{type(self).__name__}.origin must be one of {ORIGINS}, got {origin!r}")
         self.origin_kind, self.origin_scale, self.origin_seed = origin, origin_scale, origin_seed
-        self._origin_buffer = self._origin_param = None
-        if origin == "zeros":
-            return
-        generator = torch.Generator().manual_seed(origin_seed)
-        values = torch.randn(*self.state_shape, generator=generator) * origin_scale
-        if origin == "learned":
-            self._origin_param = nn.Parameter(values)
-        else:
-            self.register_buffer("_origin_buffer", values, persistent=False)
+        values = None
+        if origin != "zeros":
+            generator = torch.Generator().manual_seed(origin_seed)
+            values = torch.randn(*self.state_shape, generator=generator) * origin_scale
+        self.register_parameter("_origin_param", nn.Parameter(values) if origin == "learned" else None)
+        self.register_buffer("_origin_buffer", values if origin == "random" else None, persistent=False)
 
     @property
     def is_grid(self) -> bool:
@@ -114,6 +111,17 @@ class GridRepresentation(Representation):
 
     def twin(self, channels: int) -> "GridRepresentation":
         raise NotImplementedError
+
+    def splat_shared(self, points: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``splat`` of the same (B, N, channels) values into every block (plane, level)."""
+        batch, count, _ = values.shape
+        return self.splat(points, values.unsqueeze(2).expand(batch, count, self.feature_blocks, self.channels)
+                          .reshape(batch, count, self.feature_dim))
+
+    def sample_shared(self, state: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """The adjoint of ``splat_shared``: ``sample`` summed over the blocks, (B, N, channels)."""
+        features = self.sample(state, points)
+        return features.reshape(*features.shape[:2], self.feature_blocks, self.channels).sum(2)
 
     def apply_feature_jacobian(self, twin_state: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
         """twin_state (B, *twin(k).state_shape), matrix (k, feature_dim) -> (B, *state_shape):

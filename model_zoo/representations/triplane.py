@@ -9,6 +9,7 @@ from model_zoo.representations.base import GridRepresentation
 
 # Which two coordinates index each plane; grid_sample reads (x, y) as (width, height).
 PLANE_AXES = ((0, 1), (0, 2), (1, 2))
+PLANE_SLICES = (slice(0, 2), slice(0, 3, 2), slice(1, 3))  # the same, as views (no gather)
 
 
 class TriplaneRepresentation(GridRepresentation):
@@ -37,7 +38,7 @@ class TriplaneRepresentation(GridRepresentation):
 
     def _coords(self, points: torch.Tensor, dtype) -> torch.Tensor:
         batch, count, _ = points.shape
-        coords = torch.stack([points[..., list(axes)] for axes in PLANE_AXES], dim=1)  # (B, 3, N, 2)
+        coords = torch.stack([points[..., axes] for axes in PLANE_SLICES], dim=1)  # (B, 3, N, 2)
         return coords.reshape(batch * 3, 1, count, 2).to(dtype)
 
     def sample(self, state: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -57,6 +58,20 @@ class TriplaneRepresentation(GridRepresentation):
             grad.contiguous(), values.new_zeros(()).expand(shape), self._coords(points.detach(), values.dtype),
             0, 1, False, [True, False])  # bilinear, border padding, align_corners=False
         return planes.reshape(batch, *self.state_shape)
+
+    def splat_shared(self, points: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        # One kernel call per plane on the same values: no 3x copy of them.
+        batch, count, _ = points.shape
+        grad = values.transpose(1, 2).unsqueeze(2).contiguous()  # (B, C, 1, N)
+        zeros = values.new_zeros(()).expand(batch, self.channels, self.resolution, self.resolution)
+        planes = [torch.ops.aten.grid_sampler_2d_backward(grad, zeros, points.detach()[..., axes].unsqueeze(1).to(values.dtype),
+                                                          0, 1, False, [True, False])[0] for axes in PLANE_SLICES]
+        return torch.stack(planes, 1)
+
+    def sample_shared(self, state: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        total = sum(F.grid_sample(state[:, plane], points[..., axes].unsqueeze(1).to(state.dtype), mode="bilinear",
+                                  padding_mode="border", align_corners=False) for plane, axes in enumerate(PLANE_SLICES))
+        return total.squeeze(2).transpose(1, 2)  # (B, C, 1, N) -> (B, N, C)
 
     def apply_feature_jacobian(self, twin_state: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
         per_plane = matrix.reshape(matrix.shape[0], 3, self.channels)  # (k, plane, C)
