@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="JSON lines, one per checkpoint (appended; a PNG is written beside it)")
     parser.add_argument("--steps", type=int, default=10, help="sampler steps for generation")
     parser.add_argument("--max-objects", type=int, default=None)
+    parser.add_argument("--every", type=int, default=1, help="only checkpoints whose step is a multiple of this")
     parser.add_argument("--no-ema", action="store_true",
                         help="the trained weights, not the EMA (an EMA of decay d still holds d^step of the initial weights)")
     args = parser.parse_args(argv)
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     done = {r["step"] for r in rows}
     for checkpoint in checkpoints(Path(args.run_dir)):
-        if int(checkpoint.name.split("_")[1]) in done:
+        step = int(checkpoint.name.split("_")[1])
+        if step in done or step % args.every:
             continue
         row = evaluate(checkpoint, args.data, args.steps, args.max_objects, ema=not args.no_ema)
         print(json.dumps(row), flush=True)
