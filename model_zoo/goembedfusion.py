@@ -1,18 +1,26 @@
 """GOEmbedFusion: the renderer's decoder ψ, the GOEmbed encoder and the 3D denoiser as one module.
 
-One training step for a batch of objects (DESIGN.md §2):
+One training step for a batch of objects (DESIGN.md §2, DFM's recipe):
 
-1. the first target view is the diffusion target: x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε (images in [-1, 1]);
-2. ζ_enc = GOEmbed(context views ∪ {x_t at its camera}), views resized to ``encode_resolution``;
-3. ζ̂ = D_θ(ζ_enc, t), a clean 3D representation;
-4. ζ̂ is rendered on random rays of every target and context view; the loss is the MSE to the
-   clean images (colours in [0, 1]).
+1. the first target view is the diffusion target: it is resized to ``encode_resolution`` first,
+   then noised there, x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε (images in [-1, 1]) — so the encoder sees the
+   schedule's noise level exactly, in training as in sampling (which draws x_T at that width);
+2. two GOEmbed encodings in separate channel groups, each normalised on its own: the clean
+   context views (DFM's per-view features at t = 0) and the noisy target x_t (at t);
+3. ζ̂ = D_θ([ζ_ctx, ζ_tgt], t, mode), a clean 3D representation;
+4. ζ̂ is rendered on random rays of every target view — the noised one and the ones never
+   encoded (``data.target_views`` ≥ 2 gives DFM's held-out second target) — and, with weight
+   ``context_loss_weight``, of the context views; the loss is the MSE to the clean images.
 
-Context dropout (``context_dropout``) removes the context views of some objects, which trains
+Context dropout (``context_dropout``) empties the context group of some objects, which trains
 the unconditional model used by classifier-free guidance. With probability
-``reconstruction_prob`` an object is trained in *reconstruction mode*: the noisy target is left
-out of the encoding and t = T−1 (at that noise level x_t carries no signal anyway), which is
-exactly what :meth:`reconstruct` does at test time, deterministically.
+``reconstruction_prob`` an object is trained in *reconstruction mode*: the target group is empty
+and a mode flag (the denoiser's ``cond`` input) says so, which is exactly what
+:meth:`reconstruct` does at test time, deterministically. The flag keeps the two regimes apart:
+the first sampling step (t = T−1 with a pure-noise splat) is a generation step like any other.
+
+Sampling is delegated to the pure functions of :mod:`model_zoo.samplers`; :meth:`x0_predictor`
+is the model they call.
 
 The module knows nothing of DeepSpeed: ``forward(batch) -> (loss, metrics)`` is all a trainer needs.
 """
@@ -34,9 +42,12 @@ from model_zoo.lpips import LPIPS
 from model_zoo.rays import gather_pixels, patch_pixel_indices, random_pixel_indices, view_rays
 from model_zoo.renderer import FieldDecoder, VolumeRenderer
 from model_zoo.representations import ORIGINS, build_representation
+from model_zoo.samplers import SAMPLERS, Callback, get_sampler
 from model_zoo.unet import build_denoiser
 
 Encoder = Literal["goembed", "unprojection", "zeros"]
+Evidence = Literal["groups", "summed"]
+GuidanceOn = Literal["state", "x0"]
 
 
 @dataclass
@@ -50,10 +61,16 @@ class ModelConfig:
     goembed_origin_scale: float = 0.1  # std of a random / learned grid origin
     decoder_point_frequencies: int = 0  # > 0: ψ also reads a positional encoding of the point (a GOEmbed variant)
     origin_density: float = 0.01  # σ(0) of ψ, fixed by construction: the GOEmbed origin renders (nearly) blank
-    encode_resolution: int = 32  # views are resized to this width before encoding
+    encode_resolution: int = 32  # views are resized to this width before encoding (and noised there)
+    # groups: clean context and noisy target encoded into separate channel groups (DFM's per-view
+    # features, context t = 0); summed: one encoding of all views (the first implementation).
+    evidence: Evidence = "groups"
+    # A 0/1 flag (the denoiser's cond input) marking reconstruction mode, so that it is not
+    # confused with generation at t = T-1. (Not "mode_token": saved configs redact any *token* field.)
+    mode_flag: bool = True
     train_decoder_through_encoder: bool = True  # create_graph=True: the loss reaches ψ through GOEmbed
     context_dropout: float = 0.1
-    reconstruction_prob: float = 0.25
+    reconstruction_prob: float = 0.5
     context_loss_weight: float = 1.0
     num_timesteps: int = 1000
     box_half_size: float = 1.0  # objects live in [-h, h]^3 (world units)
@@ -67,6 +84,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.encoder not in ("goembed", "unprojection", "zeros"):
             raise ValueError(f"ModelConfig.encoder must be goembed, unprojection or zeros, got {self.encoder!r}")
+        if self.evidence not in ("groups", "summed"):
+            raise ValueError(f"ModelConfig.evidence must be groups or summed, got {self.evidence!r}")
         if self.goembed_normalisation not in NORMALISATIONS:
             raise ValueError(f"ModelConfig.goembed_normalisation must be one of {NORMALISATIONS}, got {self.goembed_normalisation!r}")
         if self.goembed_method not in METHODS:
@@ -80,6 +99,8 @@ class ModelConfig:
         for name in ("context_dropout", "reconstruction_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"ModelConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.context_loss_weight < 0:
+            raise ValueError(f"ModelConfig.context_loss_weight must be >= 0, got {self.context_loss_weight}")
 
 
 @dataclass
@@ -136,7 +157,10 @@ class GOEmbedFusion(nn.Module):
         denoiser_config = preset.denoiser_config(kind)
         if activation_checkpointing:  # recompute U-Net activations in backward: memory for compute
             denoiser_config = replace(denoiser_config, use_checkpoint=True)
-        self.denoiser = build_denoiser(kind, representation.state_shape, denoiser_config)
+        if config.mode_flag:
+            denoiser_config = replace(denoiser_config, cond_dim=1)
+        self.denoiser = build_denoiser(kind, representation.state_shape, denoiser_config,
+                                       input_groups=2 if config.evidence == "groups" else 1)
         self.schedule = CosineSchedule(config.num_timesteps)
         self.rays_per_view = config.rays_per_view or preset.rays_per_view
         self.lpips = LPIPS(config.lpips_weights_path) if config.lpips_weight > 0 else None
@@ -171,8 +195,63 @@ class GOEmbedFusion(nn.Module):
                        normalisation=self.config.goembed_normalisation, method=self.config.goembed_method,
                        return_stats=return_stats)
 
-    def denoise(self, encoding: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.denoiser(encoding, t)
+    def condition(self, context: Views | None, noisy: Views | None, background: torch.Tensor,
+                  context_weights: torch.Tensor | None = None, noisy_weights: torch.Tensor | None = None,
+                  create_graph: bool = False, return_stats: bool = False):
+        """The denoiser's input from clean context views and the noisy target (either may be None).
+
+        ``evidence="groups"``: [ζ_ctx, ζ_tgt] stacked along the channel axis, each its own GOEmbed
+        (so each is normalised by its own coverage); an absent or dropped group is exactly zero.
+        ``"summed"``: one GOEmbed of all views together. Weights (B, V) drop views per object.
+        ``return_stats``: also the encoder's metrics (the first group's where both have them).
+        """
+        batch = background.shape[0]
+        stats: dict = {}
+
+        def done(encoding):
+            return (encoding, stats) if return_stats else encoding
+
+        def empty():
+            return torch.zeros(batch, *self.representation.state_shape, device=background.device)
+
+        if self.config.evidence == "summed":
+            views, weights = None, []
+            for more, more_weights in ((context, context_weights), (noisy, noisy_weights)):
+                if more is None or more.count == 0:
+                    continue
+                more = more.resized(self.config.encode_resolution)
+                views = more if views is None else views.join(more)
+                weights.append(more_weights if more_weights is not None
+                               else torch.ones(batch, more.count, device=background.device))
+            if views is None:
+                return done(empty())
+            encoding, stats = self.encode(views, background, torch.cat(weights, 1), create_graph=create_graph,
+                                          return_stats=True)
+            return done(encoding)
+        groups = []
+        for views, weights in ((context, context_weights), (noisy, noisy_weights)):
+            if views is None or views.count == 0:
+                groups.append(empty())
+            else:
+                encoding, group_stats = self.encode(views, background, weights, create_graph=create_graph,
+                                                    return_stats=True)
+                groups.append(encoding)
+                stats = {**group_stats, **stats}
+        return done(torch.cat(groups, dim=self._channel_dim))
+
+    @property
+    def _channel_dim(self) -> int:
+        # Triplane (B, 3, C, R, R): channels are dim 2; voxel (B, C, R, R, R) and MLP (B, P): dim 1.
+        return 2 if self.config.representation == "triplane" else 1
+
+    def denoise(self, encoding: torch.Tensor, t: torch.Tensor, reconstruction: torch.Tensor | None = None) -> torch.Tensor:
+        """ζ̂ from the denoiser input; ``reconstruction`` (B,) bool marks reconstruction mode (the flag)."""
+        cond = None
+        if self.config.mode_flag:
+            flag = reconstruction if reconstruction is not None else torch.zeros(encoding.shape[0], dtype=torch.bool,
+                                                                              device=encoding.device)
+            cond = flag.to(encoding.dtype).unsqueeze(1)
+        return self.denoiser(encoding, t, cond)
 
     def render(self, state: torch.Tensor, K: torch.Tensor, c2w: torch.Tensor, height: int, width: int,
                background: torch.Tensor) -> torch.Tensor:
@@ -183,6 +262,23 @@ class GOEmbedFusion(nn.Module):
         return out.rgb.reshape(batch, count, height, width, 3).permute(0, 1, 4, 2, 3)
 
     # -- training ------------------------------------------------------------------------------
+    def noisy_target(self, target: Views, t: torch.Tensor, noise: torch.Tensor) -> Views:
+        """x_t of the first view of ``target`` at ``encode_resolution``, as a view in [0, 1].
+
+        The clean image is resized first and noised at the encode resolution, so the encoder sees
+        the schedule's √(1−ᾱ_t) noise level (noising first and then averaging pixels would shrink
+        it). ``noise`` has the shape (B, 3, h, w) of the resized view.
+        """
+        first = Views(target.images[:, :1], target.K[:, :1], target.c2w[:, :1]).resized(self.config.encode_resolution)
+        x0 = first.images[:, 0] * 2 - 1
+        x_t = self.schedule.q_sample(x0, t, noise.to(x0.dtype))
+        return Views(((x_t + 1) / 2).unsqueeze(1), first.K, first.c2w)
+
+    def encode_shape(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) of a view of size (height, width) once resized to ``encode_resolution``."""
+        new_width = self.config.encode_resolution
+        return (max(1, round(height * new_width / width)) if new_width != width else height), new_width
+
     def forward(self, batch, generator: torch.Generator | None = None,
                 on_part: Callable[[str], None] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The GOEmbedFusion loss of a :class:`data_pipeline.reader.ViewBatch` (or anything shaped like one).
@@ -193,37 +289,40 @@ class GOEmbedFusion(nn.Module):
         config = self.config
         mark = on_part or (lambda name: None)
         device = batch.target_images.device
+        dtype = batch.target_images.dtype
         B = batch.target_images.shape[0]
         draw = generator.device if generator is not None else device
 
         def uniform(*shape):
             return torch.rand(*shape, generator=generator, device=draw).to(device)
 
-        x0 = batch.target_images[:, 0] * 2 - 1
         t = self.schedule.sample_timesteps(B, generator, device)
         reconstruction = uniform(B) < config.reconstruction_prob
+        # Reconstruction mode has no target evidence: t = T-1 ("nothing is known") plus its flag.
         t = torch.where(reconstruction, torch.full_like(t, config.num_timesteps - 1), t)
-        noise = torch.randn(x0.shape, generator=generator, device=draw).to(device=device, dtype=x0.dtype)
-        x_t = self.schedule.q_sample(x0, t, noise)
+        height, width = self.encode_shape(*batch.target_images.shape[-2:])
+        noise = torch.randn((B, 3, height, width), generator=generator, device=draw).to(device=device, dtype=dtype)
+        targets = Views(batch.target_images, batch.target_K, batch.target_c2w)
+        noisy = self.noisy_target(targets, t, noise)
 
-        keep_context = (uniform(B) >= config.context_dropout).to(x0.dtype)
+        keep_context = (uniform(B) >= config.context_dropout).to(dtype)
         context = Views(batch.context_images, batch.context_K, batch.context_c2w)
-        noisy = Views(((x_t + 1) / 2).unsqueeze(1), batch.target_K[:, :1], batch.target_c2w[:, :1])
-        encode_views = context.join(noisy)
-        view_weights = torch.cat([keep_context.unsqueeze(1).expand(-1, context.count), (~reconstruction).to(x0.dtype).unsqueeze(1)], 1)
         mark("prepare")
-        encoding, encode_stats = self.encode(encode_views, batch.background, view_weights,
-                                             create_graph=config.train_decoder_through_encoder and self.training,
-                                             return_stats=True)
+        encoding, encode_stats = self.condition(context, noisy, batch.background,
+                                                context_weights=keep_context.unsqueeze(1).expand(-1, context.count),
+                                                noisy_weights=(~reconstruction).to(dtype).unsqueeze(1),
+                                                create_graph=config.train_decoder_through_encoder and self.training,
+                                                return_stats=True)
         mark("encode")
-        state = self.denoise(encoding, t)
+        state = self.denoise(encoding, t, reconstruction)
         mark("denoise")
 
-        target_mse = self._render_loss(state, Views(batch.target_images, batch.target_K, batch.target_c2w), batch.background, generator)
+        # Every target view: the noised one and those never encoded (held out from the encoder).
+        target_mse = self._render_loss(state, targets, batch.background, generator)
         metrics = {"target_mse": target_mse.detach(), "t_mean": t.float().mean(),
                    "psnr_target": -10 * torch.log10(target_mse.detach().clamp_min(1e-10)), **encode_stats}
         loss = target_mse
-        if context.count:
+        if context.count and config.context_loss_weight > 0:
             context_mse = self._render_loss(state, context, batch.background, generator)
             loss = loss + config.context_loss_weight * context_mse
             metrics["context_mse"] = context_mse.detach()
@@ -234,7 +333,6 @@ class GOEmbedFusion(nn.Module):
         mark("render_loss")
         metrics["loss"] = loss.detach()
         return loss, metrics
-
     def _lpips_loss(self, state: torch.Tensor, batch, generator: torch.Generator | None) -> torch.Tensor:
         """LPIPS between a rendered square patch of the first target view and the same pixels."""
         images = batch.target_images[:, :1]
@@ -264,47 +362,69 @@ class GOEmbedFusion(nn.Module):
     # -- inference -----------------------------------------------------------------------------
     @torch.no_grad()
     def reconstruct(self, context: Views, background: torch.Tensor) -> torch.Tensor:
-        """Deterministic sparse-view reconstruction: ζ from the context views alone."""
-        encoding = self.encode(context, background)
-        t = torch.full((context.images.shape[0],), self.config.num_timesteps - 1, device=background.device, dtype=torch.long)
-        return self.denoise(encoding, t)
+        """Deterministic sparse-view reconstruction: ζ from the context views alone (reconstruction mode)."""
+        batch = context.images.shape[0]
+        encoding = self.condition(context, None, background)
+        t = torch.full((batch,), self.config.num_timesteps - 1, device=background.device, dtype=torch.long)
+        return self.denoise(encoding, t, torch.ones(batch, dtype=torch.bool, device=background.device))
+
+    def x0_predictor(self, target_K: torch.Tensor, target_c2w: torch.Tensor, background: torch.Tensor,
+                     context: Views | None = None, guidance_scale: float = 1.0, guidance_on: GuidanceOn = "x0"):
+        """The ``model(x_t, t) -> x̂₀`` a sampler calls: encode, denoise in 3D, render at the target camera.
+
+        target_K (B, 3, 3) is for the square image x_t. With context views and guidance_scale ≠ 1,
+        classifier-free guidance mixes the conditional and unconditional predictions, either of ζ̂
+        (``guidance_on="state"``) or of the rendered x̂₀ (``"x0"``, the default: it measured slightly
+        better, README "Samplers"; the renderer is non-linear, so they differ). The returned callable's ``.state`` is the last ζ̂ (with x₀ guidance, the
+        conditional one): the 3D sample once the sampler is done.
+        """
+        if guidance_on not in ("state", "x0"):
+            raise ValueError(f"guidance_on must be 'state' or 'x0', got {guidance_on!r}")
+        K, c2w = target_K.unsqueeze(1), target_c2w.unsqueeze(1)
+        guided = context is not None and context.count > 0 and guidance_scale != 1.0
+
+        def predict(x_t: torch.Tensor, t_now: int) -> torch.Tensor:
+            height, width = x_t.shape[-2:]
+            t = torch.full((x_t.shape[0],), int(t_now), device=background.device, dtype=torch.long)
+            noisy = Views(((x_t + 1) / 2).unsqueeze(1), K, c2w)
+
+            def image(state):
+                return self.render(state, K, c2w, height, width, background)[:, 0] * 2 - 1
+
+            conditional = self.denoise(self.condition(context, noisy, background), t)
+            predict.state = conditional
+            if not guided:  # no guidance: the unconditional pass would be thrown away
+                return image(conditional)
+            unconditional = self.denoise(self.condition(None, noisy, background), t)
+            if guidance_on == "state":
+                predict.state = classifier_free_guidance(conditional, unconditional, guidance_scale)
+                return image(predict.state)
+            return classifier_free_guidance(image(conditional), image(unconditional), guidance_scale)
+
+        predict.state = None
+        return predict
 
     @torch.no_grad()
     def sample(self, target_K: torch.Tensor, target_c2w: torch.Tensor, background: torch.Tensor,
                context: Views | None = None, steps: int = 50, guidance_scale: float = 1.0,
-               resolution: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A 3D sample ζ (B, *state_shape) by DDIM over an image at one target camera per object.
+               resolution: int | None = None, generator: torch.Generator | None = None,
+               sampler: str = "dpmpp_2m", guidance_on: GuidanceOn = "x0", callback: Callback | None = None) -> torch.Tensor:
+        """A 3D sample ζ (B, *state_shape) by ``sampler`` (see model_zoo.samplers) over an image at one
+        target camera per object; ``steps`` timesteps evenly spaced from T−1 to 0.
 
         target_K (B, 3, 3) is for an image of width ``resolution`` (default: encode_resolution) and
-        square pixels. With context views and guidance_scale != 1, classifier-free guidance mixes
-        the conditional and unconditional predictions of ζ. The result renders from any camera.
+        square pixels; x_T is standard normal at that size, the noise level training showed the
+        encoder at t = T−1. ``callback`` is called after every step (see model_zoo.samplers).
+        The result renders from any camera.
         """
         width = height = resolution or self.config.encode_resolution  # square, like the training renders
         batch = target_K.shape[0]
         device = background.device
         draw = generator.device if generator is not None else device
-        x_t = torch.randn(batch, 3, height, width, generator=generator, device=draw).to(device)
-        state = None
-        timesteps = self.schedule.ddim_timesteps(steps)
-        for i, t_now in enumerate(timesteps):
-            t = torch.full((batch,), t_now, device=device, dtype=torch.long)
-            noisy = Views(((x_t + 1) / 2).unsqueeze(1), target_K.unsqueeze(1), target_c2w.unsqueeze(1))
-            state = self._predict(noisy, context, background, t, guidance_scale)
-            x0 = self.render(state, target_K.unsqueeze(1), target_c2w.unsqueeze(1), height, width, background)[:, 0] * 2 - 1
-            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-            x_t = self.schedule.ddim_step(x_t, x0, t_now, t_prev)
-        return state
-
-    def _predict(self, noisy: Views, context: Views | None, background: torch.Tensor, t: torch.Tensor,
-                 guidance_scale: float) -> torch.Tensor:
-        if context is None or context.count == 0:
-            return self.denoise(self.encode(noisy, background), t)
-        both = context.resized(noisy.images.shape[-1]).join(noisy)
-        conditional = self.denoise(self.encode(both, background), t)
-        if guidance_scale == 1.0:  # no guidance: the unconditional pass would be thrown away
-            return conditional
-        unconditional = self.denoise(self.encode(noisy, background), t)
-        return classifier_free_guidance(conditional, unconditional, guidance_scale)
+        noise = torch.randn(batch, 3, height, width, generator=generator, device=draw).to(device)
+        model = self.x0_predictor(target_K, target_c2w, background, context, guidance_scale, guidance_on)
+        get_sampler(sampler)(model, noise, self.schedule.ddim_timesteps(steps), self.schedule, callback=callback)
+        return model.state
 
     def describe(self) -> dict:
         return {"config": asdict(self.config), "parameters": sum(p.numel() for p in self.parameters()),
@@ -315,4 +435,4 @@ def psnr(mse: torch.Tensor) -> torch.Tensor:
     return -10 * torch.log10(mse.clamp_min(1e-10))
 
 
-__all__ = ["GOEmbedFusion", "ModelConfig", "Views", "psnr"]
+__all__ = ["GOEmbedFusion", "ModelConfig", "SAMPLERS", "Views", "psnr"]

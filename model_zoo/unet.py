@@ -348,35 +348,39 @@ class TriplaneDenoiser(nn.Module):
     plane borders coincide with the downsampling grid (no coarse cell straddles two planes).
     """
 
-    def __init__(self, channels: int, resolution: int, config: UNetConfig):
+    def __init__(self, channels: int, resolution: int, config: UNetConfig, in_channels: int | None = None):
         super().__init__()
         self.channels, self.resolution = channels, resolution
-        self.unet = UNet(2, channels, channels, config)
+        # The input may carry more channels per plane than the output (e.g. separate groups of
+        # clean-context and noisy-target evidence); the output is always one clean triplane.
+        self.in_channels = in_channels or channels
+        self.unet = UNet(2, self.in_channels, channels, config)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         b, planes, c, r, r2 = x.shape
-        if (planes, c, r, r2) != (3, self.channels, self.resolution, self.resolution):
+        if (planes, c, r, r2) != (3, self.in_channels, self.resolution, self.resolution):
             raise ValueError(
-                f"expected triplanes (B, 3, {self.channels}, {self.resolution}, {self.resolution}), got {tuple(x.shape)}"
+                f"expected triplanes (B, 3, {self.in_channels}, {self.resolution}, {self.resolution}), got {tuple(x.shape)}"
             )
         padded = _pad_to_multiple(x, self.unet.config.downsample_factor, num_spatial=2)
         rp = padded.shape[-1]
         rolled = padded.permute(0, 2, 3, 1, 4).reshape(b, c, rp, 3 * rp)  # planes along the width
         out = self.unet(rolled, t, cond)
-        unrolled = out.reshape(b, c, rp, 3, rp).permute(0, 3, 1, 2, 4)
+        unrolled = out.reshape(b, self.channels, rp, 3, rp).permute(0, 3, 1, 2, 4)
         return unrolled[..., :r, :r].contiguous()
 
 
 class VoxelDenoiser(nn.Module):
     """(B, C, R, R, R) feature grid -> clean grid of the same shape, through a 3D U-Net."""
 
-    def __init__(self, channels: int, resolution: int, config: UNetConfig):
+    def __init__(self, channels: int, resolution: int, config: UNetConfig, in_channels: int | None = None):
         super().__init__()
         self.channels, self.resolution = channels, resolution
-        self.unet = UNet(3, channels, channels, config)
+        self.in_channels = in_channels or channels
+        self.unet = UNet(3, self.in_channels, channels, config)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        expected = (self.channels,) + (self.resolution,) * 3
+        expected = (self.in_channels,) + (self.resolution,) * 3
         if tuple(x.shape[1:]) != expected:
             raise ValueError(f"expected voxel grids (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
         r = self.resolution
@@ -409,19 +413,20 @@ class _MLPBlock(nn.Module):
 class MLPDenoiser(nn.Module):
     """(B, P) flat MLP-representation weights -> clean (B, P), via a timestep-conditioned residual MLP."""
 
-    def __init__(self, num_params: int, config: UNetConfig):
+    def __init__(self, num_params: int, config: UNetConfig, in_params: int | None = None):
         super().__init__()
         self.num_params = num_params
+        self.in_params = in_params or num_params
         hidden = config.mlp_hidden or config.base_channels * config.channel_mults[-1]
         embed_dim = config.embed_dim
         self.time_embed = TimestepEmbedder(config.base_channels, embed_dim, config.cond_dim)
-        self.input = nn.Linear(num_params, hidden)
+        self.input = nn.Linear(self.in_params, hidden)
         self.blocks = nn.ModuleList([_MLPBlock(hidden, embed_dim, config) for _ in range(config.mlp_blocks)])
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, num_params))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        if x.ndim != 2 or x.shape[1] != self.num_params:
-            raise ValueError(f"expected flat parameters (B, {self.num_params}), got {tuple(x.shape)}")
+        if x.ndim != 2 or x.shape[1] != self.in_params:
+            raise ValueError(f"expected flat parameters (B, {self.in_params}), got {tuple(x.shape)}")
         emb = self.time_embed(_as_batch_timesteps(t, x), cond)
         h = self.input(x)
         for block in self.blocks:
@@ -429,22 +434,26 @@ class MLPDenoiser(nn.Module):
         return self.out(h)
 
 
-def build_denoiser(kind: DenoiserKind, shape: tuple[int, ...], config: UNetConfig) -> nn.Module:
+def build_denoiser(kind: DenoiserKind, shape: tuple[int, ...], config: UNetConfig, input_groups: int = 1) -> nn.Module:
     """The denoiser for one representation kind, from its per-object shape (no batch dim).
 
-    triplane: (3, C, R, R); voxel: (C, R, R, R); mlp: (P,).
+    triplane: (3, C, R, R); voxel: (C, R, R, R); mlp: (P,). ``input_groups`` > 1: the input has
+    that many representation-shaped groups stacked along the channel axis (triplane: (3, G*C, R, R),
+    voxel: (G*C, R, R, R), mlp: (G*P,)); the output is one representation.
     """
+    if input_groups < 1:
+        raise ValueError(f"input_groups must be >= 1, got {input_groups}")
     shape = tuple(int(s) for s in shape)
     if kind == "triplane":
         if len(shape) != 4 or shape[0] != 3 or shape[2] != shape[3]:
             raise ValueError(f"triplane shape must be (3, C, R, R), got {shape}")
-        return TriplaneDenoiser(shape[1], shape[2], config)
+        return TriplaneDenoiser(shape[1], shape[2], config, in_channels=input_groups * shape[1])
     if kind == "voxel":
         if len(shape) != 4 or not shape[1] == shape[2] == shape[3]:
             raise ValueError(f"voxel shape must be (C, R, R, R), got {shape}")
-        return VoxelDenoiser(shape[0], shape[1], config)
+        return VoxelDenoiser(shape[0], shape[1], config, in_channels=input_groups * shape[0])
     if kind == "mlp":
         if len(shape) != 1:
             raise ValueError(f"mlp shape must be (P,), got {shape}")
-        return MLPDenoiser(shape[0], config)
+        return MLPDenoiser(shape[0], config, in_params=input_groups * shape[0])
     raise ValueError(f"unknown denoiser kind {kind!r}; expected one of 'triplane', 'voxel', 'mlp'")

@@ -264,9 +264,11 @@ def check_outputs(out, frames):
 
 
 def test_image_to_3d_end_to_end(tmp_path, tiny_model, photo):
+    progress = []
     result = image_to_3d(tiny_model, photo, tmp_path, steps=2, mesh_resolution=24, turntable_frames=4,
-                         turntable_resolution=16, log=None)
+                         turntable_resolution=16, log=None, progress=lambda step, steps: progress.append((step, steps)))
     check_outputs(tmp_path, 4)
+    assert progress == [(1, 2), (2, 2)]  # the sampler's callback, once per step
     assert set(result["timings"]) == {"preprocess", "sample", "mesh", "turntable", "total"}
     assert result["background"] == pytest.approx((1.0, 1.0, 1.0))  # the synthetic renders are on white
     summary = json.loads((tmp_path / "summary.json").read_text())

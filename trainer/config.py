@@ -56,7 +56,7 @@ class DataConfig:
     batch_size: int = 4  # objects per micro-batch, per rank
     context_views_min: int = 0  # k is drawn per batch from [min, max]; 0 trains the unconditional case
     context_views_max: int = 3
-    target_views: int = 1
+    target_views: int = 2  # the first is noised and encoded; the others are never encoded (DFM)
     resolution: int | None = 64  # width the views are decoded at; None = as stored
     num_workers: int = 2  # DataLoader workers per rank
     shuffle_block_objects: int = 64
@@ -87,14 +87,14 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-4  # peak learning rate, reached after the warm-up
+    lr: float = 2e-3  # peak learning rate, reached after the warm-up (the tiny embedded run; DFM used 2e-5 at scale)
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.0
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     lr_warmup_steps: int = 100  # linear warm-up from 0
     lr_min_ratio: float = 0.1  # cosine decay ends at lr * lr_min_ratio at train.max_steps
-    ema_decay: float = 0.995  # 0 disables the EMA copy of the weights
+    ema_decay: float = 0.99  # 0 disables the EMA copy of the weights; ~100 steps: the default run is 1000 steps
 
 
 @dataclass
@@ -127,7 +127,7 @@ class LogConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 300  # optimizer steps (each of distributed.gradient_accumulation_steps micro-batches)
+    max_steps: int = 1000  # optimizer steps (each of distributed.gradient_accumulation_steps micro-batches)
     seed: int = 0
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
     device: Device = "auto"  # auto: cuda if available, else cpu
