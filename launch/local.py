@@ -73,7 +73,6 @@ def _die_with_parent(parent: int) -> None:
 
 def launch(nproc: int, trainer_args: list[str]) -> int:
     port = free_port()
-    threads = max(1, (os.cpu_count() or 1) // nproc)
     processes: list[subprocess.Popen] = []
     received: list[int] = []
 
@@ -89,8 +88,9 @@ def launch(nproc: int, trainer_args: list[str]) -> int:
         for rank in range(nproc):
             env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "GOEMBED_LAUNCHER": "local",
-                   # Ranks share the cores: one OpenMP pool each of the right size, not N oversubscribed ones.
-                   "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+                   # One intra-op thread per rank unless the caller says otherwise (torchrun's default too):
+                   # the tiny preset's small tensors ran ~5x slower with 2 threads on a busy 2-core machine.
+                   "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
             processes.append(subprocess.Popen([sys.executable, "-m", "trainer.train", *trainer_args], env=env, cwd=ROOT,
                                               preexec_fn=lambda: _die_with_parent(parent)))
         return _supervise(processes, received)
