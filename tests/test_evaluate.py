@@ -91,6 +91,7 @@ LAUNCHER = textwrap.dedent("""
 
     stub = types.ModuleType("model_zoo.loading")
     stub.load = load
+    stub.ExportFormatError = type("ExportFormatError", (ValueError,), {})  # what evaluate's CLI catches
     sys.modules["model_zoo.loading"] = stub
     torch.set_num_threads(1)
     from model_zoo.evaluate import main

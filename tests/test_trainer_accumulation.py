@@ -68,7 +68,7 @@ def batches(shards, size: int, count: int) -> list[ViewBatch]:
 
 def halves(batch: ViewBatch) -> list[ViewBatch]:
     def part(sl):
-        return ViewBatch(**{name: value[sl] for name, value in batch.__dict__.items()})
+        return ViewBatch(**{name: None if value is None else value[sl] for name, value in batch.__dict__.items()})
     n = batch.num_objects // 2
     return [part(slice(0, n)), part(slice(n, None))]
 
