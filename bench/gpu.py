@@ -44,12 +44,12 @@ def denoiser_flops(model_config, encoding, t) -> int:
 
     from model_zoo.goembedfusion import GOEmbedFusion
 
-    denoiser = GOEmbedFusion(model_config).denoiser.to(encoding.device)
+    model = GOEmbedFusion(model_config).to(encoding.device)
     x = encoding.detach().float().requires_grad_(True)
     with FlopCounterMode(display=False) as counter:
-        out = denoiser(x, t)
+        out = model.denoise(x, t)  # the denoiser with its conditioning (e.g. the reconstruction flag)
         out.float().sum().backward()
-    del out, denoiser
+    del out, model
     _sync(encoding.device)
     return counter.get_total_flops()
 
@@ -95,7 +95,7 @@ def run_one(preset: str, resolution: int, data: str, steps: int, warmup: int, ba
         from model_zoo.goembedfusion import Views
 
         views = Views(batch.context_images, batch.context_K, batch.context_c2w)
-        encoding = trainer.model.encode(views, batch.background)
+        encoding = trainer.model.condition(views, None, batch.background)  # the denoiser's input
     t = torch.full((batch.num_objects,), 500, device=trainer.env.device, dtype=torch.long)
     with trainer.precision():
         flops = denoiser_flops(trainer.config.model, encoding, t)
