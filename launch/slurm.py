@@ -67,10 +67,14 @@ class TrainJob:
 
         env = submitit.JobEnvironment()
         hosts = list(env.hostnames)
-        # A requeued task may have left an error result (its loader worker was killed by the requeue):
-        # remove it so that only this run's outcome is read by `--wait`.
-        if env.paths.result_pickle.exists():
-            env.paths.result_pickle.unlink()
+        # A requeued task may have left an error result (its loader worker was killed by the requeue),
+        # or half of one: submitit writes RESULT.save_tmp and renames it, and a SIGTERM during the
+        # requeue can land in between; submitit then refuses to save this run's result (seen in CI).
+        # Remove both so that only this run's outcome is read by `--wait`.
+        result = env.paths.result_pickle
+        for stale in (result, result.with_suffix(result.suffix + ".save_tmp")):
+            if stale.exists():
+                stale.unlink()
         os.environ.update({
             "RANK": str(env.global_rank), "WORLD_SIZE": str(env.num_tasks), "LOCAL_RANK": str(env.local_rank),
             "MASTER_ADDR": "127.0.0.1" if self.local or not hosts else hosts[0],
