@@ -242,8 +242,13 @@ def _first_bad_checksum(buffer: bytes, headers: list[int]) -> int | None:
     return int(wrong[0]) if len(wrong) else None
 
 
-def _groups(members, damage: str | None = None) -> Iterator[tuple[str, int, dict]]:
-    """Consecutive members with the same key as (key, offset of its first header, {suffix: data})."""
+def _groups(members) -> Iterator[tuple[str, int, dict]]:
+    """Consecutive members with the same key as (key, offset of its first header, {suffix: data}).
+
+    A group is handed out as soon as the next key begins, before reading on, so damage further
+    along cannot take it down too; the group in progress when the members end or break off is
+    handed out last (it may be incomplete: the schema check finds what it lacks).
+    """
     key, offset, group = None, 0, {}
     for name, at, data in members:
         member_key, suffix = _group_key(name)
@@ -252,8 +257,6 @@ def _groups(members, damage: str | None = None) -> Iterator[tuple[str, int, dict
                 yield key, offset, group
             key, offset, group = member_key, at, {}
         group[suffix] = data
-    # The group in progress at damage may be incomplete: it is still handed out (the schema check
-    # finds missing views).
     if key is not None and group:
         yield key, offset, group
 
@@ -291,23 +294,17 @@ def iter_tar_groups(fileobj, start_offset: int = 0, until_end_marker: bool = Tru
             pending, base = buffer[consumed:], base + consumed
             want = max(_CHUNK, 2 * len(pending))  # a member larger than a chunk: read more at once
 
-    key, offset, group = None, 0, {}
-    try:
-        for name, at, data in members():
-            member_key, suffix = _group_key(name)
-            if member_key != key:
-                # Hand out the finished group before reading on, so damage further along the
-                # shard cannot take it down too.
-                if key is not None:
-                    yield key, offset, group
-                key, offset, group = member_key, at, {}
-            group[suffix] = data
-    except TarDamage:
-        if key is not None and group:
-            yield key, offset, group
-        raise
-    if key is not None:
-        yield key, offset, group
+    failure: list[TarDamage] = []
+
+    def members_until_damage() -> Iterator[tuple[str, int, bytes]]:
+        try:
+            yield from members()
+        except TarDamage as error:
+            failure.append(error)
+
+    yield from _groups(members_until_damage())
+    if failure:  # after every group before the damage, the one in progress too
+        raise failure[0]
 
 
 def scan_index(url: str, storage_options: dict | None = None) -> ShardIndex:
