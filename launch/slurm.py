@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import multiprocessing
+import multiprocessing.util
 import os
 import pickle
 import re
@@ -84,9 +86,14 @@ class TrainJob:
         import torch
 
         torch.set_num_threads(self.cpus_per_task)
-        # Only the task's own process answers submitit's preemption signal: a forked child (a data
-        # loader worker) inherits the handler and would otherwise checkpoint and requeue too.
-        os.register_at_fork(after_in_child=_ignore_preemption_signals)
+        # Only the task's own process answers a preemption. A data-loader worker (a forked
+        # multiprocessing child) inherits submitit's USR2 handler and would checkpoint and requeue
+        # too; and SLURM's SIGTERM, which comes before the USR2, would kill it, so that torch raises
+        # "DataLoader worker is killed by signal" in the task before the requeue can run (seen in
+        # CI). Workers ignore the USR2, block the SIGTERM and end with the task. multiprocessing's hook, not
+        # os.register_at_fork: it runs only in multiprocessing children, so programs the task starts
+        # with subprocess do not inherit ignored signals across exec.
+        multiprocessing.util.register_after_fork(_PREEMPTION_HOOK, _ignore_preemption_signals)
         os.chdir(self.cwd)
         if env.global_rank == 0:
             print(f"slurm: job {env.job_id}, {env.num_tasks} tasks on {hosts}, master {os.environ['MASTER_ADDR']}:"
@@ -98,7 +105,14 @@ class TrainJob:
 
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         config_file, overrides = split_config_argv(self.argv)
-        return os.path.abspath(Trainer(load_config(config_file, overrides)).fit())
+        try:
+            return os.path.abspath(Trainer(load_config(config_file, overrides)).fit())
+        finally:
+            # The loader workers block SIGTERM (below), and multiprocessing's exit handler ends the
+            # workers still alive with SIGTERM and then waits for them: end them here instead.
+            for child in multiprocessing.active_children():
+                child.kill()
+                child.join(timeout=10)
 
     def checkpoint(self, *args, **kwargs):
         """Called by submitit (rank 0) on preemption or time-out: requeue unless the bound is reached.
@@ -118,9 +132,19 @@ class TrainJob:
         return submitit.helpers.DelayedSubmission(dataclasses.replace(self, requeues=self.requeues + 1))
 
 
-def _ignore_preemption_signals() -> None:
+class _PreemptionHook:
+    """multiprocessing keeps its after-fork callbacks in a weak registry: this object keeps ours."""
+
+
+_PREEMPTION_HOOK = _PreemptionHook()
+
+
+def _ignore_preemption_signals(_hook: _PreemptionHook | None = None) -> None:
+    # SIGTERM is blocked, not ignored: a torch loader worker installs its own SIGTERM handler after
+    # this hook has run (torch/csrc/DataLoader.cpp), while the signal mask it inherits stays.
     try:
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     except (ValueError, OSError):
         pass
 
