@@ -316,3 +316,18 @@ def _value_at(raw, dotted):
         raw = raw[part]
     return raw
 
+
+
+@pytest.mark.parametrize("name", ["tiny_cpu.yaml", "tiny_cpu_long.yaml"])
+def test_bundled_configs_list_every_field(name):
+    raw = yaml.safe_load((REPO / "configs" / name).read_text())
+    assert sorted(dotted for dotted, _ in leaf_fields(RunConfig)) == sorted(flatten(raw))
+
+
+def flatten(raw, path=""):
+    for key, value in raw.items():
+        dotted = f"{path}.{key}" if path else key
+        if isinstance(value, dict) and key != "storage_options":
+            yield from flatten(value, dotted)
+        else:
+            yield dotted
