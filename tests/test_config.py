@@ -133,7 +133,7 @@ def test_validate_reports_every_problem_and_rechecks_edits():
     config = RunConfig()
     config.optim.lr = 0.0
     config.train.max_steps = 0
-    config.model.encoder = "magic"  # edited after ModelConfig.__post_init__ ran
+    config.model.encoder = "magic"  # edited after ModelConfig validated it
     with pytest.raises(ConfigError) as error:
         validate(config)
     message = str(error.value)
