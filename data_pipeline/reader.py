@@ -75,11 +75,10 @@ class ReaderSettings:
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes per rank (0 = read in the training process)")
     shuffle_block_objects: int = Field(64, ge=1, description=(
         "samples read together and interleaved by each worker (memory: one block)"))
-    # Consecutive samples of a shard read with one ranged read (see epoch_plan.py). None: as many
-    # as make a block hold one batch's worth of pieces (block // batch), so that every batch takes
-    # its objects from batch_size different pieces, i.e. (mostly) different shards.
     piece_objects: int | None = Field(None, ge=1, description=(
-        "consecutive samples of a shard read with one ranged read; null = shuffle_block_objects // batch_size"))
+        "consecutive samples of a shard read with one ranged read (epoch_plan.py); null: shuffle_block_objects // "
+        "batch_size, so that a block holds one batch's worth of pieces and every batch takes its objects from "
+        "batch_size different pieces, i.e. (mostly) different shards"))
     storage_options: dict[str, Any] | None = Field(None, description=(
         "fsspec options (endpoint_url, key, secret, ...); null or {} = the environment (AWS_* variables)"))
     warn_every_s: float = Field(30.0, ge=0, description="rate limit (seconds) of warnings about skipped samples (0: every one)")
