@@ -460,13 +460,12 @@ def config_hash(config: RunConfig) -> str:
 
 
 def _constraint(info: Any) -> str:
+    """``fp32 | bf16 | fp16`` for a choice, else the type and its bounds: ``int, >= 1``."""
     annotation = info.annotation
-    if typing.get_origin(annotation) is Literal or (_is_union(annotation) and any(
-            typing.get_origin(a) is Literal for a in typing.get_args(annotation))):
-        arms = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
-        choices = [json.dumps(c) if isinstance(c, str) else str(c) for a in arms
-                   for c in (typing.get_args(a) if typing.get_origin(a) is Literal else ("null",))]
-        return " | ".join(choice.strip('"') for choice in choices)
+    arms = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
+    if any(typing.get_origin(arm) is Literal for arm in arms):
+        return " | ".join(str(choice) for arm in arms
+                          for choice in (typing.get_args(arm) if typing.get_origin(arm) is Literal else ("null",)))
     bounds = {sign: f"{sign} {getattr(m, key)}" for m in info.metadata  # the last bound of a kind wins
               for sign, key in _BOUNDS.values() if getattr(m, key, None) is not None}
     return ", ".join([_type_name(annotation), *bounds.values()])
