@@ -28,12 +28,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Iterator
+from typing import Annotated, Any, Iterator
 
 import numpy as np
 import orjson
+import pydantic
+import pydantic.dataclasses
 import torch
 from PIL import Image
+from pydantic import Field
 
 from data_pipeline import storage
 from data_pipeline.box_fit import BoxFitWarner
@@ -46,28 +49,40 @@ log = logging.getLogger("data_pipeline.reader")
 STATE_VERSION = 2  # 2: the epoch is a permutation of shard pieces (piece_objects)
 
 
-@dataclass
-class ReaderConfig:
-    urls: str | list[str]  # brace patterns / globs, e.g. "s3://b/train-{000000..000099}.tar"
-    batch_size: int = 4  # objects per batch, per rank
-    context_views_min: int = 0  # k is drawn per batch, uniformly from [min, max]; 0 = unconditional
-    context_views_max: int = 3
-    target_views: int = 1  # m target views per object, disjoint from the context views
-    resolution: int | None = None  # output width in pixels (height keeps the aspect); None = as stored
-    num_workers: int = 2  # DataLoader worker processes per rank (0 = read in the training process)
-    seed: int = 0
-    shuffle: bool = True
-    shuffle_block_objects: int = 64  # samples read together and interleaved by each worker (memory: one block)
-    # Consecutive samples of a shard read with one ranged read (see epoch_plan.py). None: as many
-    # as make a block hold one batch's worth of pieces (block // batch), so that every batch takes
-    # its objects from batch_size different pieces, i.e. (mostly) different shards.
-    piece_objects: int | None = None
-    drop_last: bool = True  # see epoch_plan.py for what is dropped or padded
-    storage_options: dict | None = None  # fsspec options (endpoint, key, ...); env vars otherwise
-    warn_every_s: float = 30.0  # rate limit of warnings about skipped samples
-    prefetch_batches: int = 2  # per worker
-    box_half_size: float | None = None  # the model's box: warn once if an object or camera misses it
-    masks: bool = False  # also decode the chosen views' masks (KEY.viewNNN.mask.png); objects without are skipped
+# Strict: a value of the wrong type is refused (True is not 1, "4" is not 4), as is an unknown field.
+STRICT = pydantic.ConfigDict(strict=True, extra="forbid")
+
+# Declared once here; the trainer's data section (trainer.config.DataConfig) reuses them with
+# its own defaults.
+TargetViews = Annotated[int, Field(ge=0, description=(
+    "m target views per object, disjoint from the context views (the trainer noises and encodes the first; "
+    "the others are only rendered and scored, as in DFM)"))]
+Resolution = Annotated[int | None, Field(ge=1, description=(
+    "width in pixels the views are decoded at (height keeps the aspect); null = as stored"))]
+
+
+@pydantic.dataclasses.dataclass(config=STRICT)
+class ReaderSettings:
+    """How batches are drawn and read: the part of the reader's config a run config chooses
+    (trainer.config.DataConfig inherits these fields; the trainer sets the rest per reader)."""
+
+    batch_size: int = Field(4, ge=1, description="objects per batch, per rank")
+    context_views_min: int = Field(0, ge=0, description=(
+        "k context views are drawn per batch, uniformly from [min, max]; 0 trains the unconditional case"))
+    context_views_max: int = Field(3, ge=0, description="see context_views_min")
+    target_views: TargetViews = 1
+    resolution: Resolution = None
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes per rank (0 = read in the training process)")
+    shuffle_block_objects: int = Field(64, ge=1, description=(
+        "samples read together and interleaved by each worker (memory: one block)"))
+    piece_objects: int | None = Field(None, ge=1, description=(
+        "consecutive samples of a shard read with one ranged read (epoch_plan.py); null: shuffle_block_objects // "
+        "batch_size, so that a block holds one batch's worth of pieces and every batch takes its objects from "
+        "batch_size different pieces, i.e. (mostly) different shards"))
+    storage_options: dict[str, Any] | None = Field(None, description=(
+        "fsspec options (endpoint_url, key, secret, ...); null or {} = the environment (AWS_* variables)"))
+    warn_every_s: float = Field(30.0, ge=0, description="rate limit (seconds) of warnings about skipped samples (0: every one)")
+    prefetch_batches: int = Field(2, ge=1, description="batches each worker prepares ahead")
 
     @property
     def piece_size(self) -> int:
@@ -75,19 +90,32 @@ class ReaderConfig:
             return self.piece_objects
         return max(1, self.shuffle_block_objects // self.batch_size)
 
-    def __post_init__(self):
-        checks = {
-            "batch_size": self.batch_size >= 1,
-            "context_views_min": 0 <= self.context_views_min <= self.context_views_max,
-            "target_views": self.target_views >= 0 and self.context_views_max + self.target_views >= 1,
-            "num_workers": self.num_workers >= 0,
-            "shuffle_block_objects": self.shuffle_block_objects >= 1,
-            "piece_objects": self.piece_objects is None or self.piece_objects >= 1,
-            "resolution": self.resolution is None or self.resolution >= 1,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"ReaderConfig.{name} is invalid: {getattr(self, name)!r}")
+    @pydantic.model_validator(mode="after")
+    def _views(self):
+        if self.context_views_min > self.context_views_max:
+            raise ValueError(f"context_views_min ({self.context_views_min}) must be <= context_views_max "
+                             f"({self.context_views_max})")
+        if self.context_views_max + self.target_views < 1:
+            raise ValueError("context_views_max + target_views must be >= 1: a batch needs at least one view")
+        return self
+
+
+@pydantic.dataclasses.dataclass(config=STRICT)
+class _Shards:
+    urls: str | list[str] = Field(description='brace patterns / globs, e.g. "s3://b/train-{000000..000099}.tar"')
+
+
+# _Shards last among the bases puts `urls` first, so ReaderConfig("s3://...", batch_size=8) works.
+@pydantic.dataclasses.dataclass(config=STRICT)
+class ReaderConfig(ReaderSettings, _Shards):
+    """Everything one reader needs; invalid values raise pydantic.ValidationError (a ValueError) naming the field."""
+
+    seed: int = Field(0, ge=0, description="seeds the shuffle and the choice of views")
+    shuffle: bool = Field(True, description="shuffle the epoch (False: shards and samples in order)")
+    drop_last: bool = Field(True, description="see epoch_plan.py for what is dropped or padded")
+    box_half_size: float | None = Field(None, gt=0, description="the model's box: warn once if an object or camera misses it")
+    masks: bool = Field(False, description=(
+        "also decode the chosen views' masks (KEY.viewNNN.mask.png); objects without are skipped"))
 
 
 @dataclass

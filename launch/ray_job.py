@@ -44,7 +44,7 @@ sys.path.insert(0, ROOT)
 
 from data_pipeline import storage  # noqa: E402
 from launch.paths import absolute, describe, resolved_overrides  # noqa: E402
-from trainer.config import RunConfig, load_config, to_dict  # noqa: E402
+from trainer.config import RunConfig, config_help, load_config, to_dict  # noqa: E402
 from trainer.trainer import TrainHooks  # noqa: E402
 
 CHECKPOINT_SUBDIR = "goembed_checkpoints"
@@ -56,7 +56,7 @@ class InjectedFailure(RuntimeError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python launch/ray_job.py", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python launch/ray_job.py", description=__doc__, epilog=config_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-workers", type=int, required=True, help="Ray workers = DeepSpeed ranks")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")

@@ -182,7 +182,9 @@ def parse_mem_mb(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python launch/slurm.py", description=__doc__,
+    from trainer.config import config_help
+
+    p = argparse.ArgumentParser(prog="python launch/slurm.py", description=__doc__, epilog=config_help(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML run config (default: built-in defaults)")
     p.add_argument("--run-dir", default=None, help="run directory (shorthand for run_dir=DIR)")

@@ -28,20 +28,23 @@ The module knows nothing of DeepSpeed: ``forward(batch) -> (loss, metrics)`` is 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Callable, Literal
+from typing import Annotated, Callable, Literal
 
+import pydantic
+import pydantic.dataclasses
 import torch
 import torch.nn.functional as F
+from pydantic import AfterValidator, Field
 from torch import nn
 
 from model_zoo.diffusion import CosineSchedule, classifier_free_guidance
 from model_zoo.encodings import unprojection
 from model_zoo.goembed import METHODS, NORMALISATIONS, RayBatch, goembed
-from model_zoo.presets import get_preset
+from model_zoo.presets import PRESETS, get_preset
 from model_zoo.lpips import LPIPS
 from model_zoo.rays import gather_pixels, patch_pixel_indices, random_pixel_indices, view_rays
 from model_zoo.renderer import FieldDecoder, VolumeRenderer
-from model_zoo.representations import ORIGINS, build_representation
+from model_zoo.representations import ORIGINS, REPRESENTATIONS, build_representation
 from model_zoo.samplers import SAMPLERS, Callback, get_sampler
 from model_zoo.unet import build_denoiser
 
@@ -50,57 +53,73 @@ Evidence = Literal["groups", "summed"]
 GuidanceOn = Literal["state", "x0"]
 
 
-@dataclass
-class ModelConfig:
-    preset: str = "tiny"
-    representation: str = "triplane"  # triplane | voxel | mlp
-    encoder: Encoder = "goembed"  # goembed; unprojection and zeros are baselines
-    goembed_normalisation: str = "coverage"  # see goembed.py and the README for the measurement
-    goembed_method: str = "auto"  # auto (closed form where exact: grids, zero origin) | closed_form | autograd
-    goembed_origin: str = "zeros"  # grids: zeros | random (fixed, seeded) | learned; GOEmbed variants, see README
-    goembed_origin_scale: float = 0.1  # std of a random / learned grid origin
-    decoder_point_frequencies: int = 0  # > 0: ψ also reads a positional encoding of the point (a GOEmbed variant)
-    origin_density: float = 0.01  # σ(0) of ψ, fixed by construction: the GOEmbed origin renders (nearly) blank
-    encode_resolution: int = 32  # views are resized to this width before encoding (and noised there)
-    # groups: clean context and noisy target encoded into separate channel groups (DFM's per-view
-    # features, context t = 0); summed: one encoding of all views (the first implementation).
-    evidence: Evidence = "groups"
-    # A 0/1 flag (the denoiser's cond input) marking reconstruction mode, so that it is not
-    # confused with generation at t = T-1. (Not "mode_token": saved configs redact any *token* field.)
-    mode_flag: bool = True
-    train_decoder_through_encoder: bool = True  # create_graph=True: the loss reaches ψ through GOEmbed
-    context_dropout: float = 0.1
-    reconstruction_prob: float = 0.5
-    context_loss_weight: float = 1.0
-    num_timesteps: int = 1000
-    box_half_size: float = 1.0  # objects live in [-h, h]^3 (world units)
-    rays_per_view: int | None = None  # None: the preset's
-    samples_per_ray: int | None = None  # None: the preset's
-    mlp_hidden: int = 32  # the MLP representation's own width
-    lpips_weight: float = 0.0  # > 0 adds LPIPS on a rendered patch of the first target view
-    lpips_weights_path: str | None = None  # AlexNet + LPIPS heads (see lpips.py); never downloaded
-    lpips_patch_size: int = 32  # pixels; AlexNet needs >= 32
+def _one_of(choices) -> AfterValidator:
+    """The value must be one of ``choices`` (a tuple, or a registry dict's keys)."""
+    def check(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+    return AfterValidator(check)
 
-    def __post_init__(self):
-        if self.encoder not in ("goembed", "unprojection", "zeros"):
-            raise ValueError(f"ModelConfig.encoder must be goembed, unprojection or zeros, got {self.encoder!r}")
-        if self.evidence not in ("groups", "summed"):
-            raise ValueError(f"ModelConfig.evidence must be groups or summed, got {self.evidence!r}")
-        if self.goembed_normalisation not in NORMALISATIONS:
-            raise ValueError(f"ModelConfig.goembed_normalisation must be one of {NORMALISATIONS}, got {self.goembed_normalisation!r}")
-        if self.goembed_method not in METHODS:
-            raise ValueError(f"ModelConfig.goembed_method must be one of {METHODS}, got {self.goembed_method!r}")
-        if self.goembed_origin not in ORIGINS:
-            raise ValueError(f"ModelConfig.goembed_origin must be one of {ORIGINS}, got {self.goembed_origin!r}")
-        if self.decoder_point_frequencies < 0:
-            raise ValueError(f"ModelConfig.decoder_point_frequencies must be >= 0, got {self.decoder_point_frequencies}")
+
+def _known_preset(name: str) -> str:
+    get_preset(name)  # otherwise an unknown preset only fails when the model is built
+    return name
+
+
+# Strict (True is not 1, "4" is not 4) and closed (an unknown field is an error). The same class
+# is the trainer's `model:` section and what checkpoints and exports store in model_config.json.
+@pydantic.dataclasses.dataclass(config=pydantic.ConfigDict(strict=True, extra="forbid"))
+class ModelConfig:
+    """The model's architecture and losses (also what checkpoints and exports store in model_config.json).
+
+    Invalid values raise pydantic.ValidationError (a ValueError) naming the field.
+    """
+
+    preset: Annotated[str, AfterValidator(_known_preset)] = Field("tiny", description=(
+        f"size preset (model_zoo/presets.py): {', '.join(PRESETS)}"))
+    representation: Annotated[str, _one_of(REPRESENTATIONS)] = Field("triplane", description=(
+        f"3D representation ζ: {', '.join(REPRESENTATIONS)} (hashgrid: no denoiser yet)"))
+    encoder: Encoder = Field("goembed", description="goembed; unprojection and zeros are baselines")
+    goembed_normalisation: Annotated[str, _one_of(NORMALISATIONS)] = Field(
+        "coverage", description=f"how GOEmbed normalises its encoding: {', '.join(NORMALISATIONS)} (goembed.py; README)")
+    goembed_method: Annotated[str, _one_of(METHODS)] = Field(
+        "auto", description=f"{', '.join(METHODS)}; auto: closed form where exact (grids, zero origin), else autograd")
+    goembed_origin: Annotated[str, _one_of(ORIGINS)] = Field(
+        "zeros", description="grids' GOEmbed origin: zeros, random (fixed, seeded) or learned (GOEmbed variants, README)")
+    goembed_origin_scale: float = Field(0.1, ge=0, description="std of a random / learned grid origin")
+    decoder_point_frequencies: int = Field(0, ge=0, description=(
+        "> 0: ψ also reads a positional encoding of the point (a GOEmbed variant)"))
+    origin_density: float = Field(0.01, gt=0, description=(
+        "σ(0) of ψ, fixed by construction: the GOEmbed origin renders (nearly) blank"))
+    encode_resolution: int = Field(32, ge=1, description="views are resized to this width before encoding (and noised there)")
+    evidence: Evidence = Field("groups", description=(
+        "groups: clean context and noisy target encoded into separate channel groups (DFM's per-view features, "
+        "context t = 0); summed: one encoding of all views (the first implementation)"))
+    # (Not "mode_token": saved configs redact any *token* field.)
+    mode_flag: bool = Field(True, description=(
+        "a 0/1 flag (the denoiser's cond input) marks reconstruction mode, so that it is not confused "
+        "with generation at t = T-1"))
+    train_decoder_through_encoder: bool = Field(True, description="create_graph=True: the loss reaches ψ through GOEmbed")
+    context_dropout: float = Field(0.1, ge=0, le=1, description=(
+        "probability of emptying an object's context group (trains the unconditional model for guidance)"))
+    reconstruction_prob: float = Field(0.5, ge=0, le=1, description=(
+        "probability of training an object in reconstruction mode (empty target group, mode flag set)"))
+    context_loss_weight: float = Field(1.0, ge=0, description="weight of the rendering loss on the context views")
+    num_timesteps: int = Field(1000, ge=1, description="diffusion steps T of the cosine schedule")
+    box_half_size: float = Field(1.0, gt=0, description="objects live in [-h, h]^3 (world units)")
+    rays_per_view: int | None = Field(None, ge=1, description="rays rendered per target view in training; null: the preset's")
+    samples_per_ray: int | None = Field(None, ge=1, description="samples per ray; null: the preset's")
+    mlp_hidden: int = Field(32, ge=1, description="the MLP representation's own width")
+    lpips_weight: float = Field(0.0, ge=0, description="> 0 adds LPIPS on a rendered patch of the first target view")
+    lpips_weights_path: str | None = Field(None, description="AlexNet + LPIPS heads (see lpips.py); never downloaded")
+    lpips_patch_size: int = Field(32, ge=32, description="LPIPS patch width in pixels; AlexNet needs >= 32")
+
+    @pydantic.model_validator(mode="after")
+    def _lpips_weights(self):
         if self.lpips_weight > 0 and not self.lpips_weights_path:
-            raise ValueError("ModelConfig.lpips_weights_path is required when lpips_weight > 0 (weights are never downloaded)")
-        for name in ("context_dropout", "reconstruction_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"ModelConfig.{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.context_loss_weight < 0:
-            raise ValueError(f"ModelConfig.context_loss_weight must be >= 0, got {self.context_loss_weight}")
+            raise ValueError("lpips_weights_path is required when lpips_weight > 0 (weights are never downloaded)")
+        return self
 
 
 @dataclass

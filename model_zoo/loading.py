@@ -21,6 +21,7 @@ import json
 import os
 import tempfile
 
+import pydantic
 import torch
 
 from data_pipeline import storage
@@ -41,7 +42,12 @@ def model_config_from_dict(raw: dict) -> ModelConfig:
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ExportFormatError(f"{MODEL_CONFIG} has unknown fields {unknown}: written by a newer version of this code?")
-    return ModelConfig(**raw)
+    try:
+        return ModelConfig(**raw)
+    except pydantic.ValidationError as error:  # one line, each problem named by its field
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}, got {e['input']!r}" if e["loc"] else e["msg"]
+                             for e in error.errors(include_url=False))
+        raise ExportFormatError(f"{MODEL_CONFIG} is not a valid ModelConfig: {problems}") from None
 
 
 def inference_config(config: ModelConfig) -> ModelConfig:

@@ -3,12 +3,16 @@
     config = load_config("configs/tiny_cpu.yaml", ["train.max_steps=7", "optim.lr=1e-3"])
     save_config(config, "runs/tiny/config.yaml")      # secrets redacted; s3:// works too
     config_hash(config)                                # short id of the run's settings
+    print(config_help())                               # every field: default, constraint, meaning
 
-A run is described by nested dataclasses (data, model, optim, distributed, checkpoint, log, train).
-Plain dicts, as YAML gives them, become dataclasses through :meth:`RunConfig.from_dict`, which is
-strict on purpose: a misspelt key or a value of the wrong type is an error naming the dotted field
-(``optim.lrr``), never a silently ignored setting discovered after a day of GPU time. Value checks
-live in :func:`validate`, which every loading path calls.
+A run is described by nested pydantic dataclasses (data, model, optim, distributed, checkpoint,
+log, train), each field declared once with its type, constraint, default and description. The
+``model`` section *is* ``model_zoo.goembedfusion.ModelConfig`` (what checkpoints store in
+model_config.json) and ``data`` inherits the reader's settings from
+``data_pipeline.reader.ReaderSettings``, so neither is copied here. pydantic does the checking, in
+strict mode (True is not 1, "4" is not 4, an unknown key is an error); this module turns its
+errors into one line per problem naming the dotted field (``optim.lr must be > 0, got -1.0``),
+with "did you mean" for a misspelt key, and reads YAML and ``key=value`` overrides.
 """
 
 from __future__ import annotations
@@ -19,324 +23,299 @@ import hashlib
 import json
 import logging
 import re
+import textwrap
 import types
 import typing
-from dataclasses import dataclass, field
-from functools import cache
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+import pydantic
+import pydantic.dataclasses
 import yaml
+from pydantic import AfterValidator, BeforeValidator, Field
 
 from data_pipeline import storage
-from data_pipeline.reader import ReaderConfig
+from data_pipeline.reader import ReaderConfig, ReaderSettings, Resolution, TargetViews
 from model_zoo.goembedfusion import ModelConfig
-from model_zoo.presets import get_preset
-from model_zoo.representations import REPRESENTATIONS
 
 log = logging.getLogger("trainer.config")
 
-Precision = Literal["fp32", "bf16", "fp16"]
-Device = Literal["auto", "cpu", "cuda"]
-# torch.distributed's built-in backends; a typo ("ncll") should fail here, not at rendezvous.
-BACKENDS = ("nccl", "gloo", "mpi", "ucc")
 REDACTED = "***"  # what data_pipeline.storage.redact puts in place of a secret
+
+# Strict (True is not 1, "4" is not 4; an int is a fine float) and closed (unknown keys refused).
+section = pydantic.dataclasses.dataclass(config=pydantic.ConfigDict(strict=True, extra="forbid"))
 
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the dotted field (``optim.lr``)."""
 
 
+def _list_as_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value  # YAML has no tuples: a list stands for one
+
+
+Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
+def _zero_stage(stage: int) -> int:
+    # Not Literal[0, 1, 2, 3]: pydantic lets True through for 1 there.
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"must be 0, 1, 2 or 3, got {stage}")
+    return stage
+
+
 # -- the sections -------------------------------------------------------------------------------
 
 
-@dataclass
-class DataConfig:
-    train_urls: str = "data/synthetic/train-*.tar"  # brace pattern / glob, local or any fsspec URL
-    holdout_urls: str | None = "data/synthetic/holdout-*.tar"  # None: no held-out evaluation
-    batch_size: int = 4  # objects per micro-batch, per rank
-    context_views_min: int = 0  # k is drawn per batch from [min, max]; 0 trains the unconditional case
-    context_views_max: int = 3
-    target_views: int = 2  # the first is noised and encoded; the others are never encoded (DFM)
-    resolution: int | None = 64  # width the views are decoded at; None = as stored
-    num_workers: int = 2  # DataLoader workers per rank
-    shuffle_block_objects: int = 64
-    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options (endpoint_url, key, secret, ...)
-    storage_retry_seconds: float = 300.0  # an object-storage outage longer than this ends the run
+@section
+class DataConfig(ReaderSettings):
+    """The training data: the shards, and the reader settings (data_pipeline.reader.ReaderSettings)
+    that the training reader and the held-out reader share."""
+
+    # The reader's declarations, with the defaults of the embedded run; training needs a target view.
+    target_views: Annotated[TargetViews, Field(ge=1)] = 2
+    resolution: Resolution = 64
+    train_urls: str = Field("data/synthetic/train-*.tar", min_length=1, description=(
+        "training shards: brace pattern / glob, local or any fsspec URL (s3://bucket/train-{000000..000099}.tar)"))
+    holdout_urls: str | None = Field("data/synthetic/holdout-*.tar", min_length=1, description=(
+        "held-out shards, evaluated in order; null: no held-out evaluation"))
+    storage_retry_seconds: float = Field(300.0, gt=0, description="an object-storage outage longer than this ends the run")
 
     def reader_config(self, seed: int, holdout: bool = False) -> ReaderConfig:
         """The streaming reader's settings: training shards (shuffled), or the held-out ones in order."""
         if holdout and self.holdout_urls is None:
             raise ConfigError("data.holdout_urls is null, so there is no held-out reader")
-        return ReaderConfig(
-            urls=self.holdout_urls if holdout else self.train_urls,
-            batch_size=self.batch_size,
-            context_views_min=self.context_views_min,
-            context_views_max=self.context_views_max,
-            target_views=self.target_views,
-            resolution=self.resolution,
-            num_workers=self.num_workers,
-            seed=seed,
-            # Evaluation must see every held-out object, in the same order in every run.
-            shuffle=not holdout,
-            drop_last=not holdout,
-            shuffle_block_objects=self.shuffle_block_objects,
-            # The reader treats None as "use the environment (AWS_* variables)".
-            storage_options=dict(self.storage_options) or None,
-        )
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(ReaderSettings)}
+        # The reader treats None as "use the environment (AWS_* variables)"; so does {} here.
+        settings["storage_options"] = dict(self.storage_options or {}) or None
+        # Evaluation must see every held-out object, in the same order in every run.
+        return ReaderConfig(self.holdout_urls if holdout else self.train_urls, seed=seed,
+                            shuffle=not holdout, drop_last=not holdout, **settings)
 
 
-@dataclass
+@section
 class OptimConfig:
-    lr: float = 2e-3  # peak learning rate, reached after the warm-up (the tiny embedded run; DFM used 2e-5 at scale)
-    betas: tuple[float, float] = (0.9, 0.99)
-    weight_decay: float = 0.0
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
-    lr_warmup_steps: int = 100  # linear warm-up from 0
-    lr_min_ratio: float = 0.1  # cosine decay ends at lr * lr_min_ratio at train.max_steps
-    ema_decay: float = 0.99  # 0 disables the EMA copy of the weights; ~100 steps: the default run is 1000 steps
+    """AdamW with a linear warm-up and a cosine decay."""
+
+    lr: float = Field(2e-3, gt=0, description=(
+        "peak learning rate, reached after the warm-up (the tiny embedded run; DFM used 2e-5 at scale)"))
+    betas: Annotated[tuple[Beta, Beta], BeforeValidator(_list_as_tuple)] = Field(
+        (0.9, 0.99), description="Adam's (beta1, beta2), each in [0, 1)")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (AdamW)")
+    eps: float = Field(1e-8, gt=0, description="Adam's epsilon")
+    grad_clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 disables clipping")
+    lr_warmup_steps: int = Field(100, ge=0, description="linear warm-up from 0, in optimizer steps")
+    lr_min_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay ends at lr * lr_min_ratio at train.max_steps")
+    ema_decay: float = Field(0.99, ge=0, lt=1, description=(
+        "decay of the EMA copy of the weights; 0 disables it (0.99: ~100 steps; the default run is 1000 steps)"))
 
 
-@dataclass
+@section
 class DistributedConfig:
-    zero_stage: int = 2  # DeepSpeed ZeRO stage, 0..3
-    # bf16: matmuls and convolutions in bf16 under autocast, fp32 master weights in the optimizer;
-    # the renderer's compositing and GOEmbed's normalisation stay fp32 (README, "Precision").
-    # fp16 needs a GPU (refused at start-up otherwise, see check_runnable).
-    precision: Precision = "fp32"
-    gradient_accumulation_steps: int = 1
-    activation_checkpointing: bool = False
-    backend: str | None = None  # None: nccl on CUDA, gloo otherwise
+    """DeepSpeed and the process group."""
+
+    zero_stage: Annotated[int, AfterValidator(_zero_stage)] = Field(2, description="DeepSpeed ZeRO stage: 0, 1, 2 or 3")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description=(
+        "bf16: matmuls and convolutions in bf16 under autocast, fp32 master weights; the renderer's compositing and "
+        "GOEmbed's normalisation stay fp32 (README, Precision); fp16 needs a GPU"))
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    activation_checkpointing: bool = Field(False, description="recompute the U-Net's activations in backward (memory for compute)")
+    # torch.distributed's built-in backends: a typo ("ncll") fails here, not at rendezvous.
+    backend: Literal["nccl", "gloo", "mpi", "ucc"] | None = Field(None, description="null: nccl on CUDA, gloo otherwise")
 
 
-@dataclass
+@section
 class CheckpointConfig:
-    every_steps: int = 100
-    keep_last: int = 3  # older checkpoints are deleted
-    dir: str | None = None  # None: <run_dir>/checkpoints; any fsspec URL (s3://...) works
-    resume: bool = True  # resume automatically from the `latest` checkpoint in dir
+    """Checkpoints (DeepSpeed state plus portable weights)."""
+
+    every_steps: int = Field(100, ge=1, description="optimizer steps between checkpoints")
+    keep_last: int = Field(3, ge=1, description="checkpoints kept; older ones are deleted")
+    dir: str | None = Field(None, min_length=1, description="null: <run_dir>/checkpoints; any fsspec URL (s3://...) works")
+    resume: bool = Field(True, description="resume automatically from the `latest` checkpoint in dir")
 
 
-@dataclass
+@section
 class LogConfig:
-    every_steps: int = 10  # scalar metrics
-    preview_every_steps: int = 200  # rendered previews; 0 disables them
-    tensorboard: bool = True
-    turntable_frames: int = 24  # frames of the turntable preview
+    """Metrics, TensorBoard and previews."""
+
+    every_steps: int = Field(10, ge=1, description="optimizer steps between scalar metrics")
+    preview_every_steps: int = Field(200, ge=0, description="optimizer steps between rendered previews; 0 disables them")
+    tensorboard: bool = Field(True, description="also write TensorBoard event files")
+    turntable_frames: int = Field(24, ge=1, description="frames of the turntable preview")
 
 
-@dataclass
+@section
 class TrainConfig:
-    max_steps: int = 1000  # optimizer steps (each of distributed.gradient_accumulation_steps micro-batches)
-    seed: int = 0
-    max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
-    device: Device = "auto"  # auto: cuda if available, else cpu
+    """The loop."""
+
+    max_steps: int = Field(1000, ge=1, description=(
+        "optimizer steps (each of distributed.gradient_accumulation_steps micro-batches)"))
+    seed: int = Field(0, ge=0, description="seeds the model, the noise and the data order")
+    max_nonfinite_steps: int = Field(5, ge=1, description="stop after this many non-finite losses in a row")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda if available, else cpu")
 
 
-@dataclass
+@section
 class RunConfig:
-    run_dir: str = "runs/tiny"  # local path or fsspec URL; checkpoints, logs and the saved config go here
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    """A whole training run."""
+
+    run_dir: str = Field("runs/tiny", min_length=1, description=(
+        "local path or fsspec URL; checkpoints, logs and the saved config go here"))
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
         """A validated config from plain (YAML-like) data; missing keys keep their defaults."""
-        config = _build(cls, raw, "")
-        validate(config)
+        problems: list[str] = []
+        config = _build(cls, raw, "", problems)
+        if problems:
+            raise ConfigError(_summary(problems))
         return config
 
 
-# -- building dataclasses from plain data, with type checks ---------------------------------------
+def validate(config: RunConfig) -> None:
+    """Raise :class:`ConfigError` listing every invalid value (each named by its dotted field).
+
+    Construction validates already; this re-checks a config edited afterwards (attribute
+    assignment is not validated, so that several fields can be changed together).
+    """
+    RunConfig.from_dict(dataclasses.asdict(config))
 
 
-@cache
-def _hints(cls: type) -> dict[str, Any]:
-    # get_type_hints, not Field.type: with `from __future__ import annotations` (as in
-    # model_zoo/goembedfusion.py) Field.type is only a string.
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {name: hint for name, hint in typing.get_type_hints(cls).items() if name in names}
+# -- from plain data to sections: pydantic checks, errors named by the dotted field ---------------
 
 
-def _join(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name
+def _fields(cls: type) -> dict[str, Any]:
+    return cls.__pydantic_fields__  # name -> pydantic FieldInfo (annotation, default, description)
 
 
-def _unknown(path: str, name: str, known: typing.Iterable[str]) -> ConfigError:
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and dataclasses.is_dataclass(annotation)
+
+
+def _join(path: str, name: Any) -> str:
+    if isinstance(name, int):
+        return f"{path}[{name}]"
+    return f"{path}.{name}" if path else str(name)
+
+
+def _unknown(path: str, name: str, known: typing.Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(known), n=1)
     hint = f" (did you mean '{_join(path, close[0])}'?)" if close else ""
-    return ConfigError(f"unknown config field '{_join(path, name)}'{hint}")
+    return f"unknown config field '{_join(path, name)}'{hint}"
 
 
-def _build(cls: type, raw: Any, path: str) -> Any:
+def _summary(problems: list[str]) -> str:
+    if len(problems) == 1:
+        return problems[0]
+    return f"invalid config ({len(problems)} problems):\n  " + "\n  ".join(problems)
+
+
+def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
+    """``cls`` from the mapping ``raw``, sections built first (strict pydantic dataclasses accept
+    only instances for their nested sections); every problem is appended to ``problems``."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path or 'config'} must be a mapping of fields, got {raw!r}")
-    hints = _hints(cls)
-    values = {}
+        problems.append(f"{path or 'config'} must be a mapping of fields, got {raw!r}")
+        return None
+    fields = _fields(cls)
+    values, broken = {}, False
     for name, value in raw.items():
-        if name not in hints:
-            raise _unknown(path, str(name), hints)
-        values[name] = _convert(value, hints[name], _join(path, name))
+        info = fields.get(name)
+        if info is not None and _is_section(info.annotation):
+            value = _build(info.annotation, value, _join(path, name), problems)
+            if value is None:
+                broken = True  # reported; the other fields of this section are still checked
+                continue
+        values[name] = value
     try:
-        return cls(**values)
-    except (TypeError, ValueError) as error:
-        # Dataclasses such as ModelConfig validate themselves and say "ModelConfig.encoder";
-        # say "model.encoder" instead, the name the user wrote in the YAML file.
-        message = str(error).replace(f"{cls.__name__}.", f"{path}." if path else "")
-        if not (path and message.startswith(f"{path}.")):
-            message = f"{path or 'config'}: {message}"
-        raise ConfigError(message) from None
+        built = cls(**values)
+    except pydantic.ValidationError as error:
+        problems.extend(_messages(error, cls, path))
+        return None
+    return None if broken else built
 
 
-def _type_name(hint: Any) -> str:
-    if hint is type(None):
-        return "null"
-    if isinstance(hint, type):
-        return hint.__name__
-    return str(hint).replace("typing.", "")
+_BOUNDS = {"greater_than": (">", "gt"), "greater_than_equal": (">=", "ge"),
+           "less_than": ("<", "lt"), "less_than_equal": ("<=", "le")}
 
 
-def _convert(value: Any, hint: Any, path: str) -> Any:
-    """``value`` checked against the annotation ``hint`` (and lists turned into tuples where wanted)."""
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, path)
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-
-    def wrong() -> ConfigError:
-        return ConfigError(f"{path} must be {_type_name(hint)}, got {value!r} ({type(value).__name__})")
-
-    if hint is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):  # `X | None`
-        for arm in args:
-            try:
-                return _convert(value, arm, path)
-            except ConfigError:
-                pass
-        raise wrong()
-    if origin is Literal:
-        # `type(...) is` so that True does not pass for 1 (bool is a subclass of int).
-        if any(value == choice and type(value) is type(choice) for choice in args):
-            return value
-        raise ConfigError(f"{path} must be one of {', '.join(map(repr, args))}, got {value!r}")
-    if origin is tuple or hint is tuple:
-        if not isinstance(value, (list, tuple)):  # YAML has no tuples: a list stands for one
-            raise wrong()
-        if not args:
-            return tuple(value)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{path} must have {len(args)} items ({_type_name(hint)}), got {value!r}")
-        return tuple(_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin is list or hint is list:
-        if not isinstance(value, (list, tuple)):
-            raise wrong()
-        return [_convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)] if args else list(value)
-    if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise wrong()
-        if not args:
-            return dict(value)
-        return {_convert(k, args[0], f"{path} key"): _convert(v, args[1], f"{path}.{k}") for k, v in value.items()}
-    if hint is bool:
-        # Exactly bool: `activation_checkpointing: 3` or `"yes"` (quoted) is a mistake, not True.
-        if type(value) is bool:
-            return value
-        raise wrong()
-    if hint is int:
-        if type(value) is int:
-            return value
-        raise wrong()
-    if hint is float:
-        # `lr: 1` is a fine float; True is not a number here.
-        if type(value) in (int, float):
-            return float(value)
-        raise wrong()
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise wrong()
-    if hint is type(None):
-        if value is None:
-            return None
-        raise wrong()
-    raise ConfigError(f"{path}: config fields of type {_type_name(hint)} are not supported")
+def _messages(error: pydantic.ValidationError, cls: type, path: str) -> list[str]:
+    """One line per problem of ``error`` (raised by ``cls(...)`` at ``path``), named by its dotted field."""
+    messages: list[str] = []
+    for e in error.errors(include_url=False):
+        loc, kind, value, ctx = e["loc"], e["type"], e.get("input"), e.get("ctx") or {}
+        annotation = _fields(cls)[loc[0]].annotation if loc and loc[0] in _fields(cls) else None
+        if _is_union(annotation) and len(loc) > 1 and isinstance(loc[1], str):
+            loc = loc[:1]  # pydantic tags each arm of `str | list[str]`: one message for the field
+        where = path
+        for part in loc:
+            where = _join(where, part)
+        if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+            text = _unknown(path, str(loc[-1]), _fields(cls))
+        elif kind == "missing" and isinstance(loc[-1], int):  # a tuple with too few items
+            text = f"{where[:where.rindex('[')]} must have {len(typing.get_args(annotation))} items ({_type_name(annotation)})"
+        elif kind == "missing":
+            text = f"{where} is required"
+        elif kind == "literal_error":
+            allowed = ("null or " if type(None) in typing.get_args(annotation) else "") + ctx["expected"]
+            text = f"{where} must be {allowed}, got {value!r}"
+        elif kind in _BOUNDS:
+            sign, key = _BOUNDS[kind]
+            text = f"{where} must be {sign} {ctx[key]}, got {value!r}"
+        elif kind == "string_too_short":
+            text = f"{where} must not be empty" + (" (null instead?)" if type(None) in typing.get_args(annotation) else "")
+        elif kind in ("too_short", "too_long"):
+            text = f"{where} must have {len(typing.get_args(annotation))} items ({_type_name(annotation)}), got {value!r}"
+        elif kind == "value_error":  # raised by a validator: a field's, or a whole section's (loc ())
+            text = str(ctx.get("error", e["msg"]))
+            if loc:
+                text = f"{where} {text}" if text.startswith("must") else f"{where}: {text}"
+            elif path:  # "context_views_min (4) must be <= ..." -> "data.context_views_min (4) ..."
+                text = re.sub(r"\b(" + "|".join(map(re.escape, _fields(cls))) + r")\b", lambda m: _join(path, m[1]), text)
+        else:  # a value of the wrong type
+            expected = _type_name(_element(annotation, loc[1:])) if annotation is not None else e["msg"].lower()
+            text = f"{where} must be {expected}, got {value!r} ({type(value).__name__})"
+        if text not in messages:
+            messages.append(text)
+    return messages
 
 
-# -- value checks ---------------------------------------------------------------------------------
+def _is_union(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
 
 
-def validate(config: RunConfig) -> None:
-    """Raise :class:`ConfigError` listing every invalid value (each named by its dotted field)."""
-    problems: list[str] = []
+def _element(annotation: Any, loc: tuple) -> Any:
+    """The annotation of ``loc`` inside a field annotated ``annotation`` (e.g. a tuple's item)."""
+    for part in loc:
+        if isinstance(part, int) and typing.get_origin(annotation) is tuple:
+            annotation = typing.get_args(annotation)[part]
+    return annotation
 
-    def check(ok: bool, message: str) -> None:
-        if not ok:
-            problems.append(message)
 
-    d, o, dist, ck, lg, tr = config.data, config.optim, config.distributed, config.checkpoint, config.log, config.train
-    check(bool(config.run_dir), "run_dir must not be empty")
-
-    check(bool(d.train_urls), "data.train_urls must not be empty")
-    check(d.holdout_urls is None or bool(d.holdout_urls), "data.holdout_urls must be null or a non-empty pattern")
-    check(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
-    check(d.context_views_min >= 0, f"data.context_views_min must be >= 0, got {d.context_views_min}")
-    check(d.context_views_min <= d.context_views_max,
-          f"data.context_views_min ({d.context_views_min}) must be <= data.context_views_max ({d.context_views_max})")
-    # The model noises and renders the first target view, so training needs at least one.
-    check(d.target_views >= 1, f"data.target_views must be >= 1, got {d.target_views}")
-    check(d.resolution is None or d.resolution >= 1, f"data.resolution must be null or >= 1, got {d.resolution}")
-    check(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
-    check(d.storage_retry_seconds > 0, f"data.storage_retry_seconds must be > 0, got {d.storage_retry_seconds}")
-    check(d.shuffle_block_objects >= 1, f"data.shuffle_block_objects must be >= 1, got {d.shuffle_block_objects}")
-
-    problems.extend(_model_problems(config.model))
-
-    check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
-    check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1), got {list(o.betas)}")
-    check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
-    check(o.eps > 0, f"optim.eps must be > 0, got {o.eps}")
-    check(o.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 disables clipping), got {o.grad_clip}")
-    check(o.lr_warmup_steps >= 0, f"optim.lr_warmup_steps must be >= 0, got {o.lr_warmup_steps}")
-    check(0 <= o.lr_min_ratio <= 1, f"optim.lr_min_ratio must be in [0, 1], got {o.lr_min_ratio}")
-    check(0 <= o.ema_decay < 1, f"optim.ema_decay must be in [0, 1) (0 disables EMA), got {o.ema_decay}")
-
-    check(dist.zero_stage in (0, 1, 2, 3), f"distributed.zero_stage must be 0, 1, 2 or 3, got {dist.zero_stage}")
-    check(dist.precision in typing.get_args(Precision),
-          f"distributed.precision must be fp32, bf16 or fp16, got {dist.precision!r}")
-    check(dist.gradient_accumulation_steps >= 1,
-          f"distributed.gradient_accumulation_steps must be >= 1, got {dist.gradient_accumulation_steps}")
-    check(dist.backend is None or dist.backend in BACKENDS,
-          f"distributed.backend must be null (automatic) or one of {', '.join(BACKENDS)}, got {dist.backend!r}")
-
-    check(ck.every_steps >= 1, f"checkpoint.every_steps must be >= 1, got {ck.every_steps}")
-    check(ck.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {ck.keep_last}")
-    check(ck.dir is None or bool(ck.dir), "checkpoint.dir must be null (<run_dir>/checkpoints) or a non-empty path")
-
-    check(lg.every_steps >= 1, f"log.every_steps must be >= 1, got {lg.every_steps}")
-    check(lg.preview_every_steps >= 0, f"log.preview_every_steps must be >= 0 (0 disables previews), got {lg.preview_every_steps}")
-    check(lg.turntable_frames >= 1, f"log.turntable_frames must be >= 1, got {lg.turntable_frames}")
-
-    check(tr.max_steps >= 1, f"train.max_steps must be >= 1, got {tr.max_steps}")
-    check(tr.seed >= 0, f"train.seed must be >= 0, got {tr.seed}")
-    check(tr.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {tr.max_nonfinite_steps}")
-    check(tr.device in typing.get_args(Device), f"train.device must be auto, cpu or cuda, got {tr.device!r}")
-
-    if problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if annotation is type(None):
+        return "None"  # null in YAML
+    if isinstance(annotation, type) and not typing.get_args(annotation):
+        return annotation.__name__
+    if typing.get_origin(annotation) is tuple:
+        return f"tuple[{', '.join(_type_name(a) for a in typing.get_args(annotation))}]"
+    if _is_union(annotation):
+        return " | ".join(_type_name(a) for a in typing.get_args(annotation))
+    return str(annotation).replace("typing.", "")
 
 
 def check_runnable(config: RunConfig, cuda_available: bool | None = None) -> None:
     """Refuse, naming the field, what this machine cannot run: called where the trainer starts
     (trainer.trainer.Trainer, launch/local.py), before any process group or engine exists.
 
-    Not part of :func:`validate`: a config written on a GPU cluster must still load on a laptop
+    Not part of validation: a config written on a GPU cluster must still load on a laptop
     (export, evaluation); it just cannot train there.
     """
     if cuda_available is None:
@@ -355,28 +334,6 @@ def check_runnable(config: RunConfig, cuda_available: bool | None = None) -> Non
         problems.append("distributed.backend=nccl needs CUDA devices (this run would train on the CPU): use gloo or null")
     if problems:
         raise ConfigError("this machine cannot run the config:\n  " + "\n  ".join(problems))
-
-
-def _model_problems(model: ModelConfig) -> list[str]:
-    problems = []
-    try:
-        # Re-run ModelConfig.__post_init__: the config may have been edited after construction.
-        dataclasses.replace(model)
-    except ValueError as error:
-        problems.append(str(error).replace("ModelConfig.", "model."))
-    try:
-        get_preset(model.preset)  # otherwise an unknown preset only fails when the model is built
-    except ValueError as error:
-        problems.append(f"model.preset: {error}")
-    if model.representation not in REPRESENTATIONS:
-        problems.append(f"model.representation must be one of {', '.join(REPRESENTATIONS)}, got {model.representation!r}")
-    for name in ("encode_resolution", "num_timesteps", "rays_per_view", "samples_per_ray", "mlp_hidden"):
-        value = getattr(model, name)
-        if value is not None and value < 1:
-            problems.append(f"model.{name} must be >= 1, got {value}")
-    if model.box_half_size <= 0:
-        problems.append(f"model.box_half_size must be > 0, got {model.box_half_size}")
-    return problems
 
 
 # -- loading, overrides ---------------------------------------------------------------------------
@@ -398,6 +355,11 @@ def parse_value(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
+def _is_mapping_type(annotation: Any) -> bool:
+    arms = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
+    return any(arm is dict or typing.get_origin(arm) is dict for arm in arms)
+
+
 def apply_override(raw: dict[str, Any], override: str) -> None:
     """Set ``section.field=value`` in the plain dict ``raw`` (checking the path against the schema)."""
     key, sep, text = override.partition("=")
@@ -410,12 +372,12 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     for depth, name in enumerate(parts):
         path = ".".join(parts[:depth])
         if cls is not None:  # inside a free-form dict (data.storage_options) any key goes
-            hints = _hints(cls)
-            if name not in hints:
-                raise ConfigError(f"{_unknown(path, name, hints)} in override {override!r}")
-            hint = hints[name]
-            cls = hint if dataclasses.is_dataclass(hint) else None
-            if cls is None and depth < len(parts) - 1 and not _is_mapping_type(hint):
+            fields = _fields(cls)
+            if name not in fields:
+                raise ConfigError(f"{_unknown(path, name, fields)} in override {override!r}")
+            annotation = fields[name].annotation
+            cls = annotation if _is_section(annotation) else None
+            if cls is None and depth < len(parts) - 1 and not _is_mapping_type(annotation):
                 raise ConfigError(f"{_join(path, name)} is not a section, in override {override!r}")
         if depth == len(parts) - 1:
             node[name] = parse_value(text)
@@ -426,10 +388,6 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
             if not isinstance(child, dict):
                 raise ConfigError(f"{_join(path, name)} is not a mapping, in override {override!r}")
             node = child
-
-
-def _is_mapping_type(hint: Any) -> bool:
-    return hint is dict or typing.get_origin(hint) is dict
 
 
 def load_config(path: str | None, overrides: list[str] | None = None, storage_options: dict | None = None) -> RunConfig:
@@ -455,7 +413,7 @@ def _drop_redacted(raw: Any, path: str, warn: bool) -> Any:
     for key, value in raw.items():
         if value == REDACTED:
             if warn:
-                    log.warning("config field %s was redacted when saved; it is left out (set it from the environment)",
+                log.warning("config field %s was redacted when saved; it is left out (set it from the environment)",
                             _join(path, str(key)))
             continue
         kept[key] = _drop_redacted(value, _join(path, str(key)), warn)
@@ -498,6 +456,45 @@ def config_hash(config: RunConfig) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
+# -- documentation: generated from the declarations ------------------------------------------------
+
+
+def _constraint(info: Any) -> str:
+    """``fp32 | bf16 | fp16`` for a choice, else the type and its bounds: ``int, >= 1``."""
+    annotation = info.annotation
+    arms = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
+    if any(typing.get_origin(arm) is Literal for arm in arms):
+        return " | ".join(str(choice) for arm in arms
+                          for choice in (typing.get_args(arm) if typing.get_origin(arm) is Literal else ("null",)))
+    bounds = {sign: f"{sign} {getattr(m, key)}" for m in info.metadata  # the last bound of a kind wins
+              for sign, key in _BOUNDS.values() if getattr(m, key, None) is not None}
+    return ", ".join([_type_name(annotation), *bounds.values()])
+
+
+def config_help(width: int = 100) -> str:
+    """Every config field with its type, constraint, default and meaning, generated from the
+    declarations above (what ``--help`` of the trainer and the launchers shows)."""
+    lines = ["config fields (set them in the --config YAML file or as dotted key=value overrides;",
+             "`name = default  [type, constraint]`, then what it means):"]
+
+    def describe(cls: type, path: str) -> None:
+        for name, info in _fields(cls).items():
+            dotted = _join(path, name)
+            if _is_section(info.annotation):
+                doc = " ".join((info.annotation.__doc__ or "").strip().split("\n\n")[0].split())
+                lines.append("")
+                lines.extend(textwrap.wrap(f"{dotted}: {doc}", width, subsequent_indent="  "))
+                describe(info.annotation, dotted)
+                continue
+            default = info.get_default(call_default_factory=True)
+            lines.append(f"  {dotted} = {json.dumps(_plain(default))}  [{_constraint(info)}]")
+            if info.description:
+                lines.extend(textwrap.wrap(info.description, width, initial_indent=" " * 6, subsequent_indent=" " * 6))
+
+    describe(RunConfig, "")
+    return "\n".join(lines)
+
+
 __all__ = [
     "CheckpointConfig",
     "ConfigError",
@@ -511,6 +508,7 @@ __all__ = [
     "apply_override",
     "check_runnable",
     "config_hash",
+    "config_help",
     "load_config",
     "parse_value",
     "save_config",

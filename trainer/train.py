@@ -16,7 +16,7 @@ import os
 import sys
 
 from data_pipeline import preflight, storage
-from trainer.config import ConfigError, RunConfig, load_config
+from trainer.config import ConfigError, RunConfig, config_help, load_config
 from trainer.run_lock import RunLockedError
 from trainer.trainer import NonFiniteError, TrainHooks, Trainer
 
@@ -30,7 +30,8 @@ def train(config: RunConfig, hooks: TrainHooks | None = None) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m trainer.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="python -m trainer.train", description=__doc__, epilog=config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML run config (default: the built-in defaults, see configs/tiny_cpu.yaml)")
     parser.add_argument("--run-dir", default=None, help="shorthand for run_dir=DIR")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of a refused config or storage error")
