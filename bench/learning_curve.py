@@ -22,8 +22,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from PIL import Image, ImageDraw
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -51,35 +49,22 @@ def evaluate(checkpoint: Path, data: str, steps: int, max_objects: int | None, e
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Four small panels (PSNR, SSIM, FID, KID against step), drawn with PIL."""
-    names = ("psnr", "ssim", "fid", "kid")
-    panel_w, panel_h, margin = 320, 220, 40
-    image = Image.new("RGB", (panel_w * 2, panel_h * 2), "white")
-    draw = ImageDraw.Draw(image)
+    """Four panels (PSNR, SSIM, FID, KID against step), drawn with matplotlib's Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 5.5), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
     steps = [r["step"] for r in rows]
-    for index, name in enumerate(names):
-        x0, y0 = (index % 2) * panel_w, (index // 2) * panel_h
+    for axes, (name, label) in zip(figure.subplots(2, 2).flat, (("psnr", "PSNR (dB)"), ("ssim", "SSIM"),
+                                                                ("fid", "FID (random features)"), ("kid", "KID (random features)"))):
         values = [r[name] for r in rows]
-        lo, hi = min(values), max(values)
-        hi = hi if hi > lo else lo + 1
-        s_lo, s_hi = min(steps), max(steps) if max(steps) > min(steps) else min(steps) + 1
-
-        def px(step, value):
-            return (x0 + margin + (step - s_lo) / (s_hi - s_lo) * (panel_w - 2 * margin),
-                    y0 + panel_h - margin - (value - lo) / (hi - lo) * (panel_h - 2 * margin))
-
-        draw.rectangle([x0 + margin, y0 + margin, x0 + panel_w - margin, y0 + panel_h - margin], outline=(90, 90, 90))
-        points = [px(s, v) for s, v in zip(steps, values)]
-        if len(points) > 1:
-            draw.line(points, fill=(31, 119, 180), width=2)
-        for x, y in points:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(31, 119, 180))
-        draw.text((x0 + margin, y0 + 12), f"{name}: {values[0]:.4g} -> {values[-1]:.4g}", fill=(0, 0, 0))
-        draw.text((x0 + margin, y0 + panel_h - margin + 6), f"step {s_lo:,}", fill=(60, 60, 60))
-        draw.text((x0 + panel_w - margin - 70, y0 + panel_h - margin + 6), f"{max(steps):,}", fill=(60, 60, 60))
-        draw.text((x0 + 2, y0 + margin), f"{hi:.3g}", fill=(60, 60, 60))
-        draw.text((x0 + 2, y0 + panel_h - margin - 10), f"{lo:.3g}", fill=(60, 60, 60))
-    image.save(path)
+        axes.plot(steps, values, marker="o", markersize=3)
+        axes.set_title(f"{label}: {values[0]:.4g} -> {values[-1]:.4g}", fontsize=9)
+        axes.set_xlabel("step", fontsize=8)
+        axes.tick_params(labelsize=7)
+        axes.grid(alpha=0.3)
+    figure.savefig(path)
 
 
 def main(argv: list[str] | None = None) -> int:
