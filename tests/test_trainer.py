@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -177,8 +178,19 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(shards, tmp_path):
     process = launch(settings(shards, run_dir, **{"optim.lr": 1e30, "optim.lr_warmup_steps": 0, "optim.grad_clip": 0,
                                                   "train.max_nonfinite_steps": 3, "checkpoint.every_steps": 100}))
     _, err = process.communicate(timeout=300)
-    assert process.returncode != 0
+    assert process.returncode == 1, err[-3000:]
     assert "3 non-finite steps in a row (train.max_nonfinite_steps=3)" in err
+    # The launcher names the first rank that failed and its error, read from the error file that
+    # torchelastic's record() wrote in that rank, with the traceback.
+    report = re.search(r"^rank (\d)'s error: NonFiniteError: (.*) \(traceback in (\S+)\)$", err, re.M)
+    assert report and "3 non-finite steps in a row" in report[2], err[-3000:]
+    with open(report[3]) as f:
+        assert "Traceback" in json.load(f)["message"]["extraInfo"]["py_callstack"]
+    log_dir = report[3]
+    for _ in range(4):  # <log_dir>/<run id>/attempt_0/<rank>/error.json: the launcher keeps it for the user
+        log_dir = os.path.dirname(log_dir)
+    assert os.path.basename(log_dir).startswith("goembed_local_"), log_dir
+    shutil.rmtree(log_dir)
     assert "the step was skipped (1 in a row" in err
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
