@@ -17,10 +17,10 @@ MASTER_ADDR and MASTER_PORT and runs ``trainer.train`` (through launch/local_ran
 fails, the agent stops the others; with ``--max-restarts N`` it then starts every rank again, up to
 N times, and the run resumes from its latest checkpoint. When no restart is left the launcher
 names the first rank that failed, its error, and the error file holding its traceback (written by
-torchelastic's ``record``), and exits with that rank's status. SIGTERM / SIGINT (Ctrl-C) / SIGHUP
-of the launcher are passed on to the ranks (those still running 30 s later are killed), and a
-rank exits by itself when the launcher dies (even by SIGKILL). The last line printed on success
-is ``run_dir: PATH``.
+torchelastic's ``record``), and exits with that rank's status (1 if a signal killed it).
+SIGTERM / SIGINT (Ctrl-C) / SIGHUP of the launcher are passed on to the ranks (those still
+running 30 s later are killed), and a rank exits by itself when the launcher dies (even by
+SIGKILL). The last line printed on success is ``run_dir: PATH``.
 """
 
 from __future__ import annotations
