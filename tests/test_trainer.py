@@ -47,6 +47,17 @@ def launch(args: list[str], nproc: int = 2, **popen) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **popen)
 
 
+def kill_job(process: subprocess.Popen) -> None:
+    """SIGKILL every rank (with its data workers) and the launcher at once, mid-step. The elastic agent
+    starts each rank in a session of its own, so the launcher's process group alone is not the job."""
+    with open(f"/proc/{process.pid}/task/{process.pid}/children") as f:  # the agent starts ranks from its main thread
+        ranks = [int(pid) for pid in f.read().split()]
+    for pid in ranks:
+        os.killpg(pid, signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate()
+
+
 def run(args: list[str], nproc: int = 2, timeout: float = 400) -> str:
     process = launch(args, nproc)
     out, err = process.communicate(timeout=timeout)
@@ -109,8 +120,7 @@ def test_sigkill_and_restart_continue_with_identical_losses(shards, tmp_path):
         if os.path.exists(latest) and os.path.exists(metrics) and max(losses(killed_dir), default=0) >= 6:
             break
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)  # the launcher and both ranks, mid-step
-    process.communicate()
+    kill_job(process)  # the launcher and both ranks, mid-step
     with open(os.path.join(killed_dir, "checkpoints", "latest")) as f:
         resumed_from = int(f.read().strip().split("_")[1])
     assert 4 <= resumed_from < 12
