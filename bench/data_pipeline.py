@@ -20,11 +20,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_pipeline import storage  # noqa: E402
-from data_pipeline.local_s3 import LocalS3Server  # noqa: E402
 from data_pipeline.reader import ReaderConfig, StreamingReader  # noqa: E402
 from data_pipeline.schema import decode_image, parse_sample  # noqa: E402
 from data_pipeline.shards import iter_tar_groups  # noqa: E402
 from data_pipeline.synthetic import generate_dataset  # noqa: E402
+from launch.cluster.local_s3 import LocalS3Server  # noqa: E402
 
 
 def time_raw_read(urls: list[str], storage_options: dict | None) -> float:

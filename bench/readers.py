@@ -411,7 +411,7 @@ def main() -> None:
         print(json.dumps(measure(json.loads(args.child))))
         return
 
-    from data_pipeline.local_s3 import LocalS3Server
+    from launch.cluster.local_s3 import LocalS3Server
     from data_pipeline.synthetic import generate_dataset
 
     torch.set_num_threads(1)  # as in the measured children (OMP_NUM_THREADS=1): the ceilings' collate

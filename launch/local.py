@@ -1,47 +1,60 @@
-"""Train on this machine with N processes (torchrun-style): the embedded default with no arguments.
+"""Train on this machine with N processes: the embedded default with no arguments.
 
     python launch/local.py                                   # tiny preset, CPU, synthetic data
     python launch/local.py --nproc 2 train.max_steps=50      # 2 ranks over gloo (or NCCL on GPUs)
+    python launch/local.py --nproc 2 --max-restarts 3        # a failed rank restarts every rank, up to 3 times
     python launch/local.py --config configs/tiny_cpu.yaml --run-dir runs/exp1 distributed.zero_stage=3
 
 With no ``--config`` the built-in defaults are used (see configs/tiny_cpu.yaml): if the data
 they point at (data/synthetic) is absent it is generated first. Relative paths (``--config``,
 ``run_dir``, data URLs, ``checkpoint.dir``) mean what they mean in the directory you start the
-launcher from; the paths used are printed first. Every process gets RANK, WORLD_SIZE,
-LOCAL_RANK, MASTER_ADDR and MASTER_PORT and runs ``python -m trainer.train``; if one fails the
-others are stopped. SIGTERM / SIGINT (Ctrl-C) of the launcher are passed on to the ranks, and a
-rank exits by itself when the launcher dies (even by SIGKILL). The last line printed is
-``run_dir: PATH``.
+launcher from; the paths used are printed first. The config is checked once, here, before any
+rank starts.
+
+The ranks are started and watched by torchrun's elastic agent (torch.distributed.launcher.api,
+one node, a c10d rendezvous on 127.0.0.1): every process gets RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR and MASTER_PORT and runs ``trainer.train`` (through launch/local_rank.py). If a rank
+fails, the agent stops the others; with ``--max-restarts N`` it then starts every rank again, up to
+N times, and the run resumes from its latest checkpoint. When no restart is left the launcher
+names the first rank that failed, its error, and the error file holding its traceback (written by
+torchelastic's ``record``), and exits with that rank's status (1 if a signal killed it).
+SIGTERM / SIGINT (Ctrl-C) / SIGHUP of the launcher are passed on to the ranks (those still
+running 30 s later are killed), and a rank exits by itself when the launcher dies (even by
+SIGKILL). The last line printed on success is ``run_dir: PATH``.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
+import glob
 import os
+import shutil
 import signal
-import subprocess
 import sys
-import time
+import tempfile
+import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from data_pipeline import preflight, storage  # noqa: E402
+from launch.local_rank import LAUNCHER_PID  # noqa: E402
 from launch.paths import absolute, describe, resolved_overrides  # noqa: E402
-from trainer.config import ConfigError, check_runnable, load_config  # noqa: E402
-from trainer.distributed import free_port  # noqa: E402
+from trainer.config import ConfigError, check_runnable, config_help, load_config  # noqa: E402
 from trainer.run_lock import RunLockedError, check_free  # noqa: E402
 
 EMBEDDED_DATA = "data/synthetic"
-_PR_SET_PDEATHSIG = 1
-GRACE_SECONDS = 30.0  # after a forwarded signal, ranks still running this long later are killed
+RANK_COMMAND = os.path.join(ROOT, "launch", "local_rank.py")
+GRACE_SECONDS = 30  # after a forwarded signal or a failed rank, ranks still running this long later are killed
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python launch/local.py", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python launch/local.py", description=__doc__, epilog=config_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nproc", type=int, default=1, help="processes (ranks) to start (default: %(default)s)")
+    parser.add_argument("--max-restarts", type=int, default=0,
+                        help="when a rank fails, stop the others and start every rank again, at most this many "
+                             "times; each restart resumes from the run's latest checkpoint (default: %(default)s)")
     parser.add_argument("--config", default=None, help="YAML run config (default: built-in defaults)")
     parser.add_argument("--run-dir", default=None, help="run directory (default: the config's run_dir, runs/tiny)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of refused configs (also passed to the ranks)")
@@ -63,76 +76,56 @@ def ensure_embedded_data(train_urls: str) -> None:
         print(summary["summary"], file=sys.stderr)
 
 
-def _die_with_parent(parent: int) -> None:
-    """In the child, before exec: the kernel sends SIGTERM when the launcher dies (even by SIGKILL)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != parent:  # the launcher died before prctl took effect
-        os._exit(1)
+def launch(nproc: int, trainer_args: list[str], max_restarts: int = 0) -> int:
+    """Run ``nproc`` ranks of the trainer under torch's elastic agent; the exit status of the launcher."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-
-def launch(nproc: int, trainer_args: list[str]) -> int:
-    port = free_port()
-    processes: list[subprocess.Popen] = []
-    received: list[int] = []
-
-    def forward(signum, frame):
-        received.append(signum)
-        for p in processes:
-            if p.poll() is None:
-                p.send_signal(signum)
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    parent = os.getpid()
+    # Each rank's error file (and nothing else: the ranks' output goes to this terminal) lives here; the
+    # directory is removed unless a rank left an error in it.
+    log_dir = tempfile.mkdtemp(prefix="goembed_local_")
+    # The agent's own TCP store, shared with the ranks (torch's default), keeps the keys of a failed
+    # attempt: measured with torch 2.13 and gloo, the restarted ranks read the old addresses and
+    # time out connecting (pytorch/pytorch#135712). Without sharing, rank 0 hosts a fresh store each attempt.
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    # One intra-op thread per rank unless the caller says otherwise (torchrun's default too):
+    # the tiny preset's small tensors ran ~5x slower with 2 threads on a busy 2-core machine.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ["GOEMBED_LAUNCHER"] = "local"  # the trainer leaves the run_dir line to us
+    os.environ[LAUNCHER_PID] = str(os.getpid())
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", local_addr="127.0.0.1",
+                          max_restarts=max_restarts, monitor_interval=0.1, shutdown_timeout=GRACE_SECONDS,
+                          logs_specs=DefaultLogsSpecs(log_dir=log_dir))
     try:
-        for rank in range(nproc):
-            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "GOEMBED_LAUNCHER": "local",
-                   # One intra-op thread per rank unless the caller says otherwise (torchrun's default too):
-                   # the tiny preset's small tensors ran ~5x slower with 2 threads on a busy 2-core machine.
-                   "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-            processes.append(subprocess.Popen([sys.executable, "-m", "trainer.train", *trainer_args], env=env, cwd=ROOT,
-                                              preexec_fn=lambda: _die_with_parent(parent)))
-        return _supervise(processes, received)
+        elastic_launch(config, sys.executable)(RANK_COMMAND, *trainer_args)
+        return 0
+    except ChildFailedError as error:
+        rank, failure = error.get_first_failure()
+        print(f"rank {rank} exited with status {failure.exitcode}"
+              f"{f' ({failure.signal_name()})' if failure.exitcode < 0 else ''}; stopped the other ranks"
+              f"{f' (after {max_restarts} restarts, --max-restarts {max_restarts})' if max_restarts else ''}",
+              file=sys.stderr)
+        if failure.error_file_data:
+            message = failure.message["message"] if isinstance(failure.message, dict) else failure.message
+            print(f"rank {rank}'s error: {message} (traceback in {failure.error_file})", file=sys.stderr)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    except SignalException as error:
+        name = signal.Signals(error.sigval).name
+        print(f"launcher got {name}; passed it on to the ranks, all {nproc} stopped", file=sys.stderr)
+        return 128 + error.sigval
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def _supervise(processes: list[subprocess.Popen], received: list[int]) -> int:
-    stop_deadline = None
-    while True:
-        codes = [p.poll() for p in processes]
-        if received:
-            if all(code is not None for code in codes):
-                name = signal.Signals(received[0]).name
-                print(f"launcher got {name}; passed it on to the ranks, all {len(processes)} stopped", file=sys.stderr)
-                return 128 + received[0]
-            stop_deadline = stop_deadline or time.monotonic() + GRACE_SECONDS
-            if time.monotonic() > stop_deadline:
-                for p in processes:
-                    if p.poll() is None:
-                        p.kill()
-        else:
-            failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
-            if failed:
-                for p in processes:
-                    if p.poll() is None:
-                        p.send_signal(signal.SIGTERM)
-                for p in processes:
-                    p.wait()
-                rank, code = failed[0]
-                print(f"rank {rank} exited with status {code}; stopped the other ranks", file=sys.stderr)
-                return code if code > 0 else 1
-            if all(code == 0 for code in codes):
-                return 0
-        time.sleep(0.2)
+        if not glob.glob(os.path.join(log_dir, "**", "error.json"), recursive=True):
+            shutil.rmtree(log_dir, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.nproc < 1:
         build_parser().error("--nproc must be >= 1")
+    if args.max_restarts < 0:
+        build_parser().error("--max-restarts must be >= 0")
     config_file = absolute(args.config) if args.config else None
     overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
     try:
@@ -151,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     trainer_args = (["--config", config_file] if config_file else []) + overrides + (["--debug"] if args.debug else [])
-    code = launch(args.nproc, trainer_args)
+    code = launch(args.nproc, trainer_args, args.max_restarts)
     if code == 0:
         print(f"run_dir: {config.run_dir}")
     return code

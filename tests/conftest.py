@@ -7,7 +7,7 @@ import uuid
 import pytest
 import torch
 
-from data_pipeline.local_s3 import LocalS3Server
+from launch.cluster.local_s3 import LocalS3Server
 
 
 @pytest.fixture(scope="session")

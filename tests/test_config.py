@@ -295,6 +295,7 @@ def leaf_fields(cls, path=""):
 
 
 def test_every_field_is_documented_and_listed_by_help():
+    from launch.local import build_parser as local_parser
     from launch.ray_job import build_parser as ray_parser
     from launch.slurm import build_parser as slurm_parser
     from trainer.config import config_help
@@ -308,7 +309,7 @@ def test_every_field_is_documented_and_listed_by_help():
     for name, info in fields:
         default = json.dumps(_value_at(defaults, name))
         assert f"  {name} = {default}  [" in text, name
-    for parser in (train_parser(), slurm_parser(), ray_parser()):  # and launch/local.py, once its parser passes epilog=config_help()
+    for parser in (train_parser(), slurm_parser(), ray_parser(), local_parser()):
         assert text in parser.format_help()
 
 

@@ -135,6 +135,51 @@ def test_a_signal_to_the_launcher_stops_every_rank(shards, tmp_path, signum):
         process.communicate()
 
 
+# -- a failed rank: restarted (--max-restarts), or reported -----------------------------------------
+
+
+def test_a_killed_rank_restarts_every_rank_and_the_run_resumes_with_max_restarts(shards, tmp_path):
+    """torchelastic's agent: rank 1 SIGKILLed after the step-4 checkpoint; --max-restarts 1 stops rank
+    0, starts both again, they resume from step 4 and the run ends as a normal one (status 0)."""
+    run_dir = str(tmp_path / "run")
+    process = launch(["--max-restarts", "1", *settings(shards, run_dir, **{"train.max_steps": 10})])
+    try:
+        wait_for_step(process, run_dir, 6)
+        ranks = sorted(children(process.pid))
+        assert len(ranks) == 2, ranks
+        os.kill(ranks[1], signal.SIGKILL)  # the rank started second: LOCAL_RANK 1
+        out, err = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 0, err[-4000:]
+    assert out.strip().splitlines()[-1] == f"run_dir: {os.path.abspath(run_dir)}"
+    assert "launcher: restart 1 of 1 (--max-restarts)" in err, err[-4000:]
+    assert f"resumed from {os.path.join(run_dir, 'checkpoints', 'step_00000004')} at step 4" in err, err[-4000:]
+    assert sorted(losses(run_dir)) == list(range(1, 11))
+    assert not wait_gone(ranks, 5)
+
+
+def test_a_killed_rank_fails_the_launcher_and_stops_the_others_without_restarts(shards, tmp_path):
+    run_dir = str(tmp_path / "run")
+    process = launch(settings(shards, run_dir, **{"train.max_steps": 500, "checkpoint.every_steps": 500}))
+    try:
+        wait_for_step(process, run_dir, 1)
+        ranks = sorted(children(process.pid))
+        assert len(ranks) == 2, ranks
+        os.kill(ranks[1], signal.SIGKILL)
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 1, err[-4000:]
+    assert "rank 1 exited with status -9 (SIGKILL); stopped the other ranks\n" in err, err[-4000:]
+    assert "launcher: restart" not in err and "run_dir:" not in out
+    assert not wait_gone(ranks, 5)  # rank 0 was stopped by the agent before the launcher returned
+
+
 # -- paths mean what the user typed --------------------------------------------------------------------
 
 

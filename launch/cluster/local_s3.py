@@ -7,7 +7,7 @@
 
 From a shell (stops on Ctrl-C)::
 
-    python -m data_pipeline.local_s3 --dir data/s3 --bucket shards
+    python -m launch.cluster.local_s3 --dir data/s3 --bucket shards
 
 Every port the server opens (S3, master, volume, filer, admin, and their gRPC ports) is a free
 port on 127.0.0.1, so several servers (or a leftover one) never collide. Credentials are enforced:
@@ -472,7 +472,7 @@ def _stop_leftovers() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m data_pipeline.local_s3",
+        prog="python -m launch.cluster.local_s3",
         description="Run a local S3 server (SeaweedFS) on 127.0.0.1 in the foreground; Ctrl-C stops it.",
     )
     parser.add_argument("--dir", required=True, help="data directory (kept; holds identities.json and weed.log)")
