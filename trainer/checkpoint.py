@@ -33,22 +33,12 @@ import numpy as np
 import torch
 
 from data_pipeline import storage
+from model_zoo.checkpoint_layout import LATEST, MANIFEST, RUN_CONFIG, TAG_PREFIX, rank_file, tag_for
 from trainer.distributed import DistEnv, barrier, broadcast_object
-
-MANIFEST = "MANIFEST.json"
-LATEST = "latest"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says which file or rank."""
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def rank_file(rank: int) -> str:
-    return f"trainer_rank{rank:05d}.pt"
 
 
 @dataclass
@@ -140,7 +130,7 @@ class Checkpointer:
                 if self.env.is_main:
                     write_portable(local_dir, model.config, trained, averaged, state.step)
             if self.env.is_main:
-                with open(os.path.join(local_dir, "config.yaml"), "w") as f:
+                with open(os.path.join(local_dir, RUN_CONFIG), "w") as f:
                     f.write(config_yaml)
         except Exception as error:
             raise self._disk_full(local_dir, error) or error
@@ -183,7 +173,7 @@ class Checkpointer:
         if self.local or self.env.local_rank != 0:
             return
         root = os.path.dirname(self.local_dir(newest))
-        staged = sorted(t for t in os.listdir(root) if t.startswith("step_") and t <= newest)
+        staged = sorted(t for t in os.listdir(root) if t.startswith(TAG_PREFIX) and t <= newest)
         for tag in staged[:-max(self.keep_last, 1)]:
             shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
 
@@ -220,7 +210,7 @@ class Checkpointer:
     def _prune(self, newest: str) -> None:
         fs, base = storage.filesystem(self.url, self.storage_options)
         fs.invalidate_cache()  # object-store listings are cached per process; this one must be fresh
-        tags = sorted(name.rsplit("/", 1)[-1] for name in fs.ls(base, detail=False) if name.rsplit("/", 1)[-1].startswith("step_"))
+        tags = sorted(name.rsplit("/", 1)[-1] for name in fs.ls(base, detail=False) if name.rsplit("/", 1)[-1].startswith(TAG_PREFIX))
         complete = [t for t in tags if t <= newest]
         for tag in complete[:-self.keep_last] if self.keep_last else []:  # keep_last=0: someone else prunes
             fs.rm(base + "/" + tag, recursive=True)

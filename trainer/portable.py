@@ -34,7 +34,9 @@ import threading
 import torch
 
 from model_zoo.goembedfusion import ModelConfig
-from model_zoo.loading import MODEL_CONFIG, TRAINED_WEIGHTS, WEIGHTS, inference_config
+from model_zoo.checkpoint_layout import (DEEPSPEED_MODEL_STATES, MANIFEST, MODEL_CONFIG, RUN_CONFIG, TRAINED_WEIGHTS,
+                                         WEIGHTS, rank_file)
+from model_zoo.loading import inference_config
 
 # Parts of the training model that inference does not use (the LPIPS loss network).
 TRAINING_ONLY_PREFIXES = ("lpips.",)
@@ -146,7 +148,7 @@ _PATCH_LOCK = threading.Lock()
 def consolidate_offline(checkpoints_dir: str, tag: str) -> dict[str, torch.Tensor]:
     """The full fp32 weights of a local DeepSpeed checkpoint, any ZeRO stage, in one process."""
     tag_dir = os.path.join(checkpoints_dir, tag)
-    model_states = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
+    model_states = os.path.join(tag_dir, DEEPSPEED_MODEL_STATES)
     if any(name.endswith("optim_states.pt") and "zero_pp_rank_" in name for name in os.listdir(tag_dir)):
         from deepspeed.utils import zero_to_fp32
 
@@ -182,17 +184,17 @@ def convert_checkpoint(tag_dir: str) -> list[str]:
     import yaml
 
     tag_dir = os.path.abspath(tag_dir)
-    manifest_path = os.path.join(tag_dir, "MANIFEST.json")
+    manifest_path = os.path.join(tag_dir, MANIFEST)
     if not os.path.exists(manifest_path):
-        raise FileNotFoundError(f"{tag_dir} has no MANIFEST.json: not a complete checkpoint")
+        raise FileNotFoundError(f"{tag_dir} has no {MANIFEST}: not a complete checkpoint")
     with open(manifest_path) as f:
         manifest = json.load(f)
-    with open(os.path.join(tag_dir, "config.yaml")) as f:
+    with open(os.path.join(tag_dir, RUN_CONFIG)) as f:
         raw = yaml.safe_load(f) or {}
     model_config = ModelConfig(**(raw.get("model") or {}))
     zero_stage = int((raw.get("distributed") or {}).get("zero_stage", 2))
     trained = {k: v for k, v in consolidate_offline(os.path.dirname(tag_dir), os.path.basename(tag_dir)).items() if _keep(k)}
-    emas = [safe_torch_load(os.path.join(tag_dir, f"trainer_rank{r:05d}.pt"))["ema"] for r in range(manifest["world_size"])]
+    emas = [safe_torch_load(os.path.join(tag_dir, rank_file(r)))["ema"] for r in range(manifest["world_size"])]
     ema = None
     if emas[0] is not None:
         ema = dict(trained)  # buffers
