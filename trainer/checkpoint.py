@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from data_pipeline import storage
+from data_pipeline.atomic_files import write_atomic
 from model_zoo.checkpoint_layout import LATEST, MANIFEST, RUN_CONFIG, TAG_PREFIX, rank_file, tag_for
 from trainer.distributed import DistEnv, barrier, broadcast_object
 
@@ -184,10 +185,7 @@ class Checkpointer:
                 path = os.path.join(root, name)
                 files[os.path.relpath(path, local_dir)] = os.path.getsize(path)
         manifest = {"step": step, "world_size": self.env.world_size, "files": files}
-        tmp = os.path.join(local_dir, MANIFEST + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=1, sort_keys=True)
-        os.replace(tmp, os.path.join(local_dir, MANIFEST))
+        write_atomic(os.path.join(local_dir, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
 
     def _upload(self, local_dir: str, tag: str) -> None:
         fs, base = storage.filesystem(self.url, self.storage_options)
@@ -199,10 +197,7 @@ class Checkpointer:
     def _write_latest(self, tag: str) -> None:
         url = storage.join(self.url, LATEST)
         if self.local:  # atomic rename: a reader never sees a half-written pointer
-            path = storage.local_path(url)
-            with open(path + ".tmp", "w") as f:
-                f.write(tag + "\n")
-            os.replace(path + ".tmp", path)
+            write_atomic(storage.local_path(url), tag + "\n")
         else:  # an object store's PUT is atomic
             with storage.open_url(url, "wb", self.storage_options) as f:
                 f.write((tag + "\n").encode())

@@ -33,6 +33,7 @@ import threading
 
 import torch
 
+from data_pipeline.atomic_files import write_atomic
 from model_zoo.goembedfusion import ModelConfig
 from model_zoo.checkpoint_layout import (DEEPSPEED_MODEL_STATES, MANIFEST, MODEL_CONFIG, RUN_CONFIG, TRAINED_WEIGHTS,
                                          WEIGHTS, rank_file)
@@ -206,10 +207,7 @@ def convert_checkpoint(tag_dir: str) -> list[str]:
     names = write_portable(tag_dir, model_config, trained, ema, int(manifest["step"]))
     for name in names:
         manifest["files"][name] = os.path.getsize(os.path.join(tag_dir, name))
-    tmp = manifest_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-    os.replace(tmp, manifest_path)
+    write_atomic(manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
     return names
 
 
