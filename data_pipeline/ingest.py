@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import json
 import math
-import multiprocessing
 import os
 import re
 import sys
@@ -47,6 +46,7 @@ from tqdm import tqdm
 from data_pipeline import image_io, storage
 from data_pipeline.cli_types import background_colour, byte_size, positive_float, positive_int
 from data_pipeline.cameras import CameraError, blender_to_opencv_c2w, check_camera, intrinsics_from_fov, scale_intrinsics
+from data_pipeline.parallel import map_in_order
 from data_pipeline.schema import IMAGE_FORMATS, ObjectSample, SampleError, encode_image, encode_mask, object_key
 from data_pipeline.shards import ShardWriter
 from data_pipeline.visual_hull import HullError, visual_hull_box
@@ -508,14 +508,7 @@ def _split_duplicate_keys(sources: list[ObjectSource]) -> tuple[list[ObjectSourc
 
 
 def _load_all(tasks: list[tuple[ObjectSource, IngestOptions]], workers: int) -> Iterator[LoadResult]:
-    if workers <= 1 or len(tasks) <= 1:
-        yield from map(_load_worker, tasks)
-        return
-    # spawn, not fork: the parent may already hold threads (s3fs's event loop, a writer's
-    # filesystem) whose locks a forked child would inherit in an undefined state.
-    with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
-        # imap (not imap_unordered): results arrive in input order, so shards are deterministic.
-        yield from pool.imap(_load_worker, tasks, chunksize=1)
+    return map_in_order(_load_worker, tasks, workers)  # in input order, so shards are deterministic
 
 
 def ingest(

@@ -348,7 +348,7 @@ class Trainer:
         model.eval()
         batch = batch.to(env.device)
         with self.precision():
-            context = Views(batch.context_images, batch.context_K, batch.context_c2w)
+            context = Views.from_batch(batch, "context")
             state = model.reconstruct(context, batch.background)
             height, width = batch.target_images.shape[-2:]
             prediction = model.render(state, batch.target_K[:, :1], batch.target_c2w[:, :1], height, width,
