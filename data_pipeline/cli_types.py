@@ -6,6 +6,7 @@ message) and a ``ValueError`` (library code that parses the same text catches th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import re
 
@@ -78,3 +79,14 @@ def positive_float(text: str) -> float:
 
 def nonnegative_int(text: str) -> int:
     return _int_at_least(text, 0, "a non-negative integer")
+
+
+@contextlib.contextmanager
+def usage_errors(parser: argparse.ArgumentParser, *kinds: type[BaseException]):
+    """``with usage_errors(parser, ConfigError): ...``: an error of one of ``kinds`` raised in the
+    block (a bad combination of arguments the library found) exits like a bad argument: its
+    message, the usage line and status 2."""
+    try:
+        yield
+    except kinds as error:
+        parser.error(str(error))

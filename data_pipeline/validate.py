@@ -31,7 +31,7 @@ from typing import Iterator
 from tqdm import tqdm
 
 from data_pipeline import storage
-from data_pipeline.cli_types import nonnegative_int
+from data_pipeline.cli_types import nonnegative_int, usage_errors
 from data_pipeline.cameras import CameraError, check_camera
 from data_pipeline.parallel import map_in_order
 from data_pipeline.schema import IMAGE_FORMATS, META_SUFFIX, SampleError, decode_image, decode_mask, mask_name, object_key, parse_sample
@@ -318,10 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+    with usage_errors(parser, FileNotFoundError):
         report = validate(args.pattern, workers=args.workers, progress=not args.no_progress)
-    except FileNotFoundError as error:
-        parser.error(str(error))
     print(report.format(args.max_problems))
     return report.exit_code
 
