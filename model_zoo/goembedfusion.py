@@ -123,6 +123,10 @@ class Views:
             raise ValueError(f"which must be 'context' or 'target', got {which!r}")
         return cls(getattr(batch, f"{which}_images"), getattr(batch, f"{which}_K"), getattr(batch, f"{which}_c2w"))
 
+    def to(self, *args, **kwargs) -> "Views":
+        """The views with every tensor moved or cast (``torch.Tensor.to``'s arguments)."""
+        return Views(self.images.to(*args, **kwargs), self.K.to(*args, **kwargs), self.c2w.to(*args, **kwargs))
+
     @property
     def count(self) -> int:
         return self.images.shape[1]
