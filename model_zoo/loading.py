@@ -1,4 +1,4 @@
-"""Load an exported GOEmbedFusion model directory (see ``model_zoo/export.py``).
+"""Load an exported GOEmbedFusion model directory (see ``model_zoo/export/``).
 
     import model_zoo
     model = model_zoo.load("exports/tiny")               # or "s3://bucket/exports/tiny"
