@@ -22,15 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.model import random_rays  # noqa: E402
+from bench.model import Bench, random_rays  # noqa: E402
 from model_zoo.goembed import RayBatch, closed_form_applies, goembed  # noqa: E402
 from model_zoo.presets import get_preset  # noqa: E402
 from model_zoo.renderer import FieldDecoder, VolumeRenderer  # noqa: E402
@@ -73,16 +71,6 @@ def block_ranks(renderer: VolumeRenderer, encoding: torch.Tensor) -> list[int]:
     return ranks
 
 
-def median_s(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny")
@@ -91,6 +79,7 @@ def main() -> None:
     parser.add_argument("--rays-per-object", type=int, default=4096)
     parser.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args()
+    bench = Bench(torch.device("cpu"), bf16=False, repeats=args.repeats, warmup=1)  # its median timer
     torch.set_num_threads(args.threads)
     preset = get_preset(args.preset)
     generator = torch.Generator().manual_seed(0)
@@ -124,8 +113,8 @@ def main() -> None:
                         torch.autograd.grad((encoding * probe).sum(), params, allow_unused=True)
                 return run
 
-            forward_s = median_s(forward, args.repeats)
-            plain_s, trained_s = median_s(encode(False), args.repeats), median_s(encode(True), args.repeats)
+            forward_s = bench.median_s(forward)
+            plain_s, trained_s = bench.median_s(encode(False)), bench.median_s(encode(True))
             entry[name] = {
                 "closed_form": closed_form_applies(renderer), "channels": rep.channels,
                 "rank_per_block_max": max(ranks), "rank_per_block_min": min(ranks), "blocks": len(ranks),

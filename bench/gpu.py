@@ -94,7 +94,7 @@ def run_one(preset: str, resolution: int, data: str, steps: int, warmup: int, ba
     with trainer.precision(), torch.no_grad():
         from model_zoo.goembedfusion import Views
 
-        views = Views(batch.context_images, batch.context_K, batch.context_c2w)
+        views = Views.from_batch(batch, "context")
         encoding = trainer.model.condition(views, None, batch.background)  # the denoiser's input
     t = torch.full((batch.num_objects,), 500, device=trainer.env.device, dtype=torch.long)
     with trainer.precision():

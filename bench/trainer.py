@@ -432,7 +432,7 @@ def rank_environment(omp_threads: int) -> dict:
 def timing_run(preset: str, stage: int, nproc: int, steps: int, warmup: int, common: list[str],
                workdir: str, timeout: float, omp_threads: int, extra: tuple[str, ...] = (), name: str = "",
                accumulation: int = 1) -> dict:
-    from trainer.logging_utils import read_metrics
+    from trainer.metrics_file import read_metrics
 
     run_dir = os.path.join(workdir, f"run_{preset}_zero{stage}_n{nproc}{name}")
     overrides = common + [f"run_dir={run_dir}", f"distributed.zero_stage={stage}", f"model.preset={preset}",

@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import json
 import math
-import multiprocessing
 import os
 import re
 import sys
@@ -47,6 +46,7 @@ from tqdm import tqdm
 from data_pipeline import image_io, storage
 from data_pipeline.cli_types import background_colour, byte_size, positive_float, positive_int
 from data_pipeline.cameras import CameraError, blender_to_opencv_c2w, check_camera, intrinsics_from_fov, scale_intrinsics
+from data_pipeline.parallel import map_in_order
 from data_pipeline.schema import IMAGE_FORMATS, ObjectSample, SampleError, encode_image, encode_mask, object_key
 from data_pipeline.shards import ShardWriter
 from data_pipeline.visual_hull import HullError, visual_hull_box
@@ -83,6 +83,9 @@ class ObjectSource:
     folder: str
 
 
+NO_SCALE_REASON = "default: no normalisation (--scale not given)"
+
+
 @dataclass(frozen=True)
 class IngestOptions:
     """How every object of a run is converted (picklable: it travels to the worker processes)."""
@@ -91,7 +94,7 @@ class IngestOptions:
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
     image_format: str = "png"
     scale: float = 1.0
-    scale_reason: str = "default: no normalisation (--scale not given)"
+    scale_reason: str | None = None  # None: "given (--scale)" for a scale other than 1, else NO_SCALE_REASON
     category: str | None = None
     normalize: str = "visual-hull"
     box: float = 1.0
@@ -336,26 +339,19 @@ def frame_intrinsics(camera: dict, width: int, height: int, where: str) -> np.nd
     return K if (sx, sy) == (1.0, 1.0) else scale_intrinsics(K, sx, sy)
 
 
-def load_nerf_synthetic_object(
-    folder: str,
-    resolution: int | None = None,
-    background: tuple[float, float, float] = (1.0, 1.0, 1.0),
-    image_format: str = "png",
-    scale: float = 1.0,
-    category: str | None = None,
-    object_id: str | None = None,
-    scale_reason: str | None = None,
-    normalize: str = "visual-hull",
-    box: float = 1.0,
-    fit: float = 0.9,
-) -> ObjectSample:
-    """Read one NeRF-synthetic object folder into an :class:`ObjectSample` (OpenCV cameras).
+def load_nerf_synthetic_object(folder: str, options: IngestOptions | None = None,
+                               object_id: str | None = None) -> ObjectSample:
+    """Read one NeRF-synthetic object folder into an :class:`ObjectSample` (OpenCV cameras),
+    converted as ``options`` says (default :class:`IngestOptions`).
 
     ``normalize="visual-hull"`` centres and scales the object into [-box, box]^3 from its masks
     (``scale`` is then not used); ``"none"`` multiplies camera translations by ``scale``.
 
     Raises :class:`IngestError` whose message starts with the file at fault.
     """
+    options = options or IngestOptions()
+    resolution, background, image_format = options.resolution, options.background, options.image_format
+    scale, scale_reason, normalize, box, fit = options.scale, options.scale_reason, options.normalize, options.box, options.fit
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
     object_id = object_id or os.path.basename(os.path.abspath(folder))
@@ -426,7 +422,7 @@ def load_nerf_synthetic_object(
     c2w_stack[:, :3, 3] = (c2w_stack[:, :3, 3] - centre) * scale
 
     extra = {
-        "scale_reason": scale_reason or ("given (--scale)" if scale != 1.0 else IngestOptions().scale_reason),
+        "scale_reason": scale_reason or ("given (--scale)" if scale != 1.0 else NO_SCALE_REASON),
         "normalisation": normalisation,
         "source_to_world": source_to_world.tolist(),
         "original_width": first_size[0],
@@ -448,7 +444,7 @@ def load_nerf_synthetic_object(
         height=out_size[1],
         image_format=image_format,
         source=SOURCE_NAME,
-        category=category,
+        category=options.category,
         scale=float(scale),
         background=tuple(float(c) for c in background),
         extra=extra,
@@ -460,19 +456,7 @@ def _load_worker(task: tuple[ObjectSource, IngestOptions]) -> LoadResult:
     """Runs in a pool worker: never raises, so one bad object cannot stop the run."""
     source, options = task
     try:
-        sample = load_nerf_synthetic_object(
-            source.folder,
-            resolution=options.resolution,
-            background=options.background,
-            image_format=options.image_format,
-            scale=options.scale,
-            category=options.category,
-            object_id=source.object_id,
-            scale_reason=options.scale_reason,
-            normalize=options.normalize,
-            box=options.box,
-            fit=options.fit,
-        )
+        sample = load_nerf_synthetic_object(source.folder, options, object_id=source.object_id)
         return LoadResult(source, sample, None)
     except (IngestError, SampleError) as error:
         return LoadResult(source, None, str(error))
@@ -508,14 +492,7 @@ def _split_duplicate_keys(sources: list[ObjectSource]) -> tuple[list[ObjectSourc
 
 
 def _load_all(tasks: list[tuple[ObjectSource, IngestOptions]], workers: int) -> Iterator[LoadResult]:
-    if workers <= 1 or len(tasks) <= 1:
-        yield from map(_load_worker, tasks)
-        return
-    # spawn, not fork: the parent may already hold threads (s3fs's event loop, a writer's
-    # filesystem) whose locks a forked child would inherit in an undefined state.
-    with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
-        # imap (not imap_unordered): results arrive in input order, so shards are deterministic.
-        yield from pool.imap(_load_worker, tasks, chunksize=1)
+    return map_in_order(_load_worker, tasks, workers)  # in input order, so shards are deterministic
 
 
 def ingest(
@@ -557,7 +534,6 @@ def ingest(
         background=tuple(float(c) for c in background),
         image_format=image_format,
         scale=float(scale),
-        scale_reason="given (--scale)" if scale != 1.0 else IngestOptions.scale_reason,
         category=category,
         normalize=normalize,
         box=float(box),

@@ -20,7 +20,7 @@ fixed world-space lights, so a surface point has the same colour in every view.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
@@ -111,12 +111,27 @@ class Shape:
         """The shape after ``x -> (x + shift) * scale`` (used to fit an object into its box)."""
         return replace(self, center=(self.center + shift) * scale, **self._scaled_size(scale))
 
-    def frame_json(self) -> dict:
-        return {"kind": self.kind, "center": self.center.tolist(), "rotation": self.rotation.tolist()}
+    def _size(self) -> dict:
+        """The fields a subclass adds (its size: lengths, scaled with the shape)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("center", "rotation")}
 
-    # Implemented by each shape.
+    def _scaled_size(self, scale: float) -> dict:
+        return {name: value * scale for name, value in self._size().items()}
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "center": self.center.tolist(), "rotation": self.rotation.tolist(),
+                **{name: value.tolist() if isinstance(value, np.ndarray) else value for name, value in self._size().items()}}
+
     def intersect(self, origins: np.ndarray, dirs: np.ndarray) -> np.ndarray:
         """Nearest t > EPS where each ray meets the surface, inf on a miss."""
+        # Rays parallel to a box's slab or a cylinder's cap give t = +-huge or inf - inf: expected
+        # (those candidates lose to real hits or count as misses), so numpy need not warn.
+        with np.errstate(over="ignore", invalid="ignore"):
+            return self._intersect_local(*self.local_rays(origins, dirs))
+
+    # Implemented by each shape.
+    def _intersect_local(self, o: np.ndarray, d: np.ndarray) -> np.ndarray:
+        """:meth:`intersect` for rays (origins ``o``, directions ``d``) in the shape's local frame."""
         raise NotImplementedError
 
     def normal(self, points: np.ndarray) -> np.ndarray:
@@ -125,12 +140,6 @@ class Shape:
 
     def half_extent(self) -> np.ndarray:
         """Half-sides (3,) of the exact world AABB, which is centred on ``center``."""
-        raise NotImplementedError
-
-    def _scaled_size(self, scale: float) -> dict:
-        raise NotImplementedError
-
-    def to_json(self) -> dict:
         raise NotImplementedError
 
 
@@ -149,8 +158,7 @@ class Ellipsoid(Shape):
 
     kind = "ellipsoid"
 
-    def intersect(self, origins, dirs):
-        o, d = self.local_rays(origins, dirs)
+    def _intersect_local(self, o, d):
         o, d = o / self.radii, d / self.radii  # the ellipsoid becomes the unit sphere
         a = (d * d).sum(axis=1)
         b = (o * d).sum(axis=1)
@@ -170,12 +178,6 @@ class Ellipsoid(Shape):
         # Support function of an ellipsoid along world axis i: |diag(r) R^T e_i|.
         return np.sqrt(((self.rotation * self.radii) ** 2).sum(axis=1))
 
-    def _scaled_size(self, scale):
-        return {"radii": self.radii * scale}
-
-    def to_json(self):
-        return {**self.frame_json(), "radii": self.radii.tolist()}
-
 
 @dataclass(frozen=True, eq=False)
 class Box(Shape):
@@ -183,12 +185,7 @@ class Box(Shape):
 
     kind = "box"
 
-    def intersect(self, origins, dirs):
-        with np.errstate(over="ignore", invalid="ignore"):  # rays parallel to a slab give t = +-huge
-            return self._intersect(origins, dirs)
-
-    def _intersect(self, origins, dirs):
-        o, d = self.local_rays(origins, dirs)
+    def _intersect_local(self, o, d):
         # Slab method. Replace exact zeros so the division gives +-huge instead of NaN (0/0).
         d = np.where(np.abs(d) < 1e-300, 1e-300, d)
         t1 = (-self.half_size - o) / d
@@ -209,11 +206,6 @@ class Box(Shape):
     def half_extent(self):
         return (np.abs(self.rotation) * self.half_size).sum(axis=1)
 
-    def _scaled_size(self, scale):
-        return {"half_size": self.half_size * scale}
-
-    def to_json(self):
-        return {**self.frame_json(), "half_size": self.half_size.tolist()}
 
 
 @dataclass(frozen=True, eq=False)
@@ -223,12 +215,7 @@ class Cylinder(Shape):
 
     kind = "cylinder"
 
-    def intersect(self, origins, dirs):
-        with np.errstate(over="ignore", invalid="ignore"):  # rays parallel to a cap give t = +-huge
-            return self._intersect(origins, dirs)
-
-    def _intersect(self, origins, dirs):
-        o, d = self.local_rays(origins, dirs)
+    def _intersect_local(self, o, d):
         r, h = self.radius, self.half_height
         # Side: x^2 + y^2 = r^2 with |z| <= h. Rays parallel to the axis (a == 0) miss the side.
         a = d[:, 0] ** 2 + d[:, 1] ** 2
@@ -265,11 +252,6 @@ class Cylinder(Shape):
         # r * sqrt(1 - a_i^2) along world axis i.
         return np.abs(axis) * self.half_height + self.radius * np.sqrt(np.clip(1.0 - axis**2, 0.0, None))
 
-    def _scaled_size(self, scale):
-        return {"radius": self.radius * scale, "half_height": self.half_height * scale}
-
-    def to_json(self):
-        return {**self.frame_json(), "radius": self.radius, "half_height": self.half_height}
 
 
 @dataclass(frozen=True, eq=False)

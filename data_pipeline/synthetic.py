@@ -35,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_pipeline.cameras import intrinsics_from_fov, look_at_c2w
-from data_pipeline.cli_types import background_colour
+from data_pipeline.cli_types import background_colour, usage_errors
 from data_pipeline.primitives import (
     LIGHT_DIR,
     TEXTURE_KINDS,
@@ -517,13 +517,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+    with usage_errors(parser, ConfigError):
         summary = generate_dataset(
             out=args.out, objects=args.objects, views=args.views, resolution=args.resolution, seed=args.seed,
             holdout_fraction=args.holdout_fraction, workers=args.workers, objects_per_shard=args.objects_per_shard,
             image_format=args.image_format, background=args.background, progress=not args.no_progress)
-    except ConfigError as error:
-        parser.error(str(error))  # exits with status 2 and the usage line
     print(summary["summary"])
     return 0
 

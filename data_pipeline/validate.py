@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import sys
 import tarfile
 from collections import Counter
@@ -32,8 +31,9 @@ from typing import Iterator
 from tqdm import tqdm
 
 from data_pipeline import storage
-from data_pipeline.cli_types import nonnegative_int
+from data_pipeline.cli_types import nonnegative_int, usage_errors
 from data_pipeline.cameras import CameraError, check_camera
+from data_pipeline.parallel import map_in_order
 from data_pipeline.schema import IMAGE_FORMATS, META_SUFFIX, SampleError, decode_image, decode_mask, mask_name, object_key, parse_sample
 from data_pipeline.shards import INDEX_SUFFIX, ShardIndex, iter_tar_groups, read_index
 
@@ -274,14 +274,7 @@ def _validate_shard_task(task: tuple[str, dict | None]) -> ShardReport:
 
 
 def _reports(urls: list[str], storage_options: dict | None, workers: int) -> Iterator[ShardReport]:
-    tasks = [(url, storage_options) for url in urls]
-    if workers <= 1 or len(urls) <= 1:
-        yield from map(_validate_shard_task, tasks)
-        return
-    # spawn, not fork: the parent may already hold threads (s3fs's event loop, a writer's
-    # filesystem) whose locks a forked child would inherit in an undefined state.
-    with multiprocessing.get_context("spawn").Pool(min(workers, len(urls))) as pool:
-        yield from pool.imap(_validate_shard_task, tasks, chunksize=1)
+    return map_in_order(_validate_shard_task, [(url, storage_options) for url in urls], workers)
 
 
 def duplicate_key_problems(shards: list[ShardReport]) -> list[Problem]:
@@ -325,10 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+    with usage_errors(parser, FileNotFoundError):
         report = validate(args.pattern, workers=args.workers, progress=not args.no_progress)
-    except FileNotFoundError as error:
-        parser.error(str(error))
     print(report.format(args.max_problems))
     return report.exit_code
 

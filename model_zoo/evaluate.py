@@ -37,6 +37,7 @@ from tqdm import tqdm
 from data_pipeline import storage
 from data_pipeline.cli_types import nonnegative_int, positive_int
 from data_pipeline.epoch_plan import EpochPlan
+from data_pipeline.ranks import rank_and_world
 from data_pipeline.reader import DatasetIndex, ReaderConfig, StreamingReader
 from data_pipeline.schema import object_key, parse_sample
 from data_pipeline.shards import read_sample_range
@@ -47,12 +48,6 @@ from model_zoo.metrics import (UNAVAILABLE, FeatureExtractor, build_feature_extr
 
 
 # -- reading held-out objects -------------------------------------------------------------------
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1  # not distributed: this process evaluates everything
-
-
 def _object_rng(seed: int, object_id: str) -> np.random.Generator:
     # crc32, not hash(): Python's str hash is salted per process, ranks would disagree.
     return np.random.default_rng([seed, zlib.crc32(object_id.encode())])
@@ -68,7 +63,7 @@ def iter_objects(pattern: str, resolution: int | None, max_objects: int | None =
                  num_workers: int = 0, storage_options: dict | None = None, progress: bool = False, desc: str = "objects"):
     """This rank's share of the objects, one at a time, with all views in stored order:
     (object_id, images (V, 3, H, W), K (V, 3, 3), c2w (V, 4, 4), background (3,))."""
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     index = DatasetIndex(storage.expand_urls(pattern, storage_options), storage_options)
     config = ReaderConfig(pattern, batch_size=batch_size, context_views_min=0, context_views_max=0,
                           target_views=_views_in_first_object(index, storage_options), resolution=resolution,
@@ -102,7 +97,7 @@ def iter_objects(pattern: str, resolution: int | None, max_objects: int | None =
 
 def _gather(local: dict) -> dict:
     """Merge every rank's {object_id: result}; duplicates (padding) collapse onto one key."""
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     if world == 1:
         return local
     parts = [None] * world
@@ -299,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")  # RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the environment
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank, _ = rank_and_world()
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     try:
         from model_zoo.loading import ExportFormatError, load  # imported here: the CLI is the only user

@@ -14,7 +14,8 @@ import torch
 from tqdm import tqdm
 
 from data_pipeline.reader import ReaderConfig, StreamingReader
-from model_zoo.goembedfusion import GOEmbedFusion, Views, psnr
+from model_zoo.goembedfusion import PSNR_MSE_FLOOR, GOEmbedFusion, Views
+from model_zoo.metrics import psnr
 
 
 @dataclass
@@ -71,17 +72,17 @@ def evaluate_novel_views(model: GOEmbedFusion, holdout_pattern: str, context_vie
         drop_last=False))
     model_psnr, baseline_psnr, ids, objects = [], [], [], 0
     for batch in reader:
-        context = Views(batch.context_images, batch.context_K, batch.context_c2w)
+        context = Views.from_batch(batch, "context")
         state = model.reconstruct(context, batch.background)
         height, width = batch.target_images.shape[-2:]
         rendered = model.render(state, batch.target_K, batch.target_c2w, height, width, batch.background)
         target = batch.target_images
-        model_psnr += psnr(((rendered - target) ** 2).flatten(1).mean(1)).tolist()
+        model_psnr += psnr(rendered, target, mse_floor=PSNR_MSE_FLOOR).tolist()
         if context_views:
             mean_colour = batch.context_images.mean(dim=(1, 3, 4), keepdim=True).unsqueeze(1).squeeze(2)
         else:
             mean_colour = torch.full_like(target[:, :, :, :1, :1], 0.5)
-        baseline_psnr += psnr(((mean_colour - target) ** 2).flatten(1).mean(1)).tolist()
+        baseline_psnr += psnr(mean_colour.expand_as(target), target, mse_floor=PSNR_MSE_FLOOR).tolist()
         ids += list(batch.object_ids)
         objects += batch.num_objects
         if objects >= max_objects:
@@ -108,14 +109,14 @@ def evaluate_denoising(model: GOEmbedFusion, holdout_pattern: str, t: int, conte
     generator = torch.Generator().manual_seed(seed)
     denoised_psnr, objects = [], 0
     for batch in reader:
-        context = Views(batch.context_images, batch.context_K, batch.context_c2w)
-        target = Views(batch.target_images, batch.target_K, batch.target_c2w)
+        context = Views.from_batch(batch, "context")
+        target = Views.from_batch(batch, "target")
         steps = torch.full((batch.num_objects,), t, dtype=torch.long)
         height, width = model.encode_shape(*batch.target_images.shape[-2:])
         noisy = model.noisy_target(target, steps, torch.randn(batch.num_objects, 3, height, width, generator=generator))
         state = model.denoise(model.condition(context, noisy, batch.background), steps)
         rendered = model.render(state, batch.target_K, batch.target_c2w, *batch.target_images.shape[-2:], batch.background)
-        denoised_psnr += psnr(((rendered - batch.target_images) ** 2).flatten(1).mean(1)).tolist()
+        denoised_psnr += psnr(rendered, target.images, mse_floor=PSNR_MSE_FLOOR).tolist()
         objects += batch.num_objects
         if objects >= max_objects:
             break

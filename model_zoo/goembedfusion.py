@@ -40,6 +40,7 @@ from torch import nn
 from model_zoo.diffusion import CosineSchedule, classifier_free_guidance
 from model_zoo.encodings import unprojection
 from model_zoo.goembed import METHODS, NORMALISATIONS, RayBatch, goembed
+from model_zoo.metrics import psnr_from_mse
 from model_zoo.presets import PRESETS, get_preset
 from model_zoo.lpips import LPIPS
 from model_zoo.rays import gather_pixels, patch_pixel_indices, random_pixel_indices, view_rays
@@ -47,6 +48,9 @@ from model_zoo.renderer import FieldDecoder, VolumeRenderer
 from model_zoo.representations import ORIGINS, REPRESENTATIONS, build_representation
 from model_zoo.samplers import SAMPLERS, Callback, get_sampler
 from model_zoo.unet import build_denoiser
+
+# The training metric psnr_target is capped at 100 dB (a perfect patch must not log +inf).
+PSNR_MSE_FLOOR = 1e-10
 
 Encoder = Literal["goembed", "unprojection", "zeros"]
 Evidence = Literal["groups", "summed"]
@@ -129,6 +133,18 @@ class Views:
     images: torch.Tensor
     K: torch.Tensor
     c2w: torch.Tensor
+
+    @classmethod
+    def from_batch(cls, batch, which: str) -> "Views":
+        """The ``which`` ("context" or "target") views of a reader batch
+        (:class:`data_pipeline.reader.ViewBatch`): the one conversion from a batch to views."""
+        if which not in ("context", "target"):
+            raise ValueError(f"which must be 'context' or 'target', got {which!r}")
+        return cls(getattr(batch, f"{which}_images"), getattr(batch, f"{which}_K"), getattr(batch, f"{which}_c2w"))
+
+    def to(self, *args, **kwargs) -> "Views":
+        """The views with every tensor moved or cast (``torch.Tensor.to``'s arguments)."""
+        return Views(self.images.to(*args, **kwargs), self.K.to(*args, **kwargs), self.c2w.to(*args, **kwargs))
 
     @property
     def count(self) -> int:
@@ -321,11 +337,11 @@ class GOEmbedFusion(nn.Module):
         t = torch.where(reconstruction, torch.full_like(t, config.num_timesteps - 1), t)
         height, width = self.encode_shape(*batch.target_images.shape[-2:])
         noise = torch.randn((B, 3, height, width), generator=generator, device=draw).to(device=device, dtype=dtype)
-        targets = Views(batch.target_images, batch.target_K, batch.target_c2w)
+        targets = Views.from_batch(batch, "target")
         noisy = self.noisy_target(targets, t, noise)
 
         keep_context = (uniform(B) >= config.context_dropout).to(dtype)
-        context = Views(batch.context_images, batch.context_K, batch.context_c2w)
+        context = Views.from_batch(batch, "context")
         mark("prepare")
         encoding, encode_stats = self.condition(context, noisy, batch.background,
                                                 context_weights=keep_context.unsqueeze(1).expand(-1, context.count),
@@ -339,7 +355,7 @@ class GOEmbedFusion(nn.Module):
         # Every target view: the noised one and those never encoded (held out from the encoder).
         target_mse = self._render_loss(state, targets, batch.background, generator)
         metrics = {"target_mse": target_mse.detach(), "t_mean": t.float().mean(),
-                   "psnr_target": -10 * torch.log10(target_mse.detach().clamp_min(1e-10)), **encode_stats}
+                   "psnr_target": psnr_from_mse(target_mse.detach(), mse_floor=PSNR_MSE_FLOOR), **encode_stats}
         loss = target_mse
         if context.count and config.context_loss_weight > 0:
             context_mse = self._render_loss(state, context, batch.background, generator)
@@ -450,8 +466,4 @@ class GOEmbedFusion(nn.Module):
                 "state_shape": list(self.representation.state_shape)}
 
 
-def psnr(mse: torch.Tensor) -> torch.Tensor:
-    return -10 * torch.log10(mse.clamp_min(1e-10))
-
-
-__all__ = ["GOEmbedFusion", "ModelConfig", "SAMPLERS", "Views", "psnr"]
+__all__ = ["GOEmbedFusion", "ModelConfig", "PSNR_MSE_FLOOR", "SAMPLERS", "Views"]

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from data_pipeline.atomic_files import atomic_write
+
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(..., 3, H, W) float in [0, 1] -> (..., H, W, 3) uint8."""
@@ -24,12 +26,9 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 def save_image_atomic(image: Image.Image, path: str | os.PathLike, **save_kwargs) -> None:
     """Save through a temporary file and rename, so a viewer never opens a half-written image."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fmt = save_kwargs.pop("format", None) or Image.registered_extensions()[path.suffix.lower()]
-    image.save(tmp, format=fmt, **save_kwargs)
-    os.replace(tmp, path)
+    fmt = save_kwargs.pop("format", None) or Image.registered_extensions()[Path(path).suffix.lower()]
+    with atomic_write(path, "wb") as f:
+        image.save(f, format=fmt, **save_kwargs)
 
 
 def save_turntable_gif(path_gif: str | os.PathLike, frames: torch.Tensor, fps: float = 12) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -33,7 +32,8 @@ import torch
 from PIL import Image
 
 from data_pipeline import image_io
-from data_pipeline.cameras import intrinsics_from_fov, look_at_c2w
+from data_pipeline.cameras import orbit_camera
+from data_pipeline.cli_types import background_colour, int_at_least, positive_int
 from model_zoo.assets import DEFAULT_FOV_DEG, DEFAULT_RADIUS_FACTOR, extract_mesh, turntable
 from model_zoo.samplers import SAMPLERS
 
@@ -45,7 +45,8 @@ def load_image(path: str | os.PathLike, resolution: int, background: str = "auto
     """(image (resolution, resolution, 3) float32 in [0, 1], background RGB) ready to encode.
 
     ``background``: "auto" (transparency -> white; else the corners' colour if they agree, else
-    white), "white", "black", or "R,G,B" in [0, 1].
+    white), or a colour for :func:`data_pipeline.cli_types.background_colour` (white, black, gray,
+    "R,G,B" in [0, 1]; ValueError otherwise).
     """
     image = image_io.open_image(path)  # any Pillow mode (16-bit, palette, CMYK, LA, ...); ImageFileError if unreadable
     has_alpha = image_io.has_alpha(image)
@@ -57,7 +58,7 @@ def load_image(path: str | os.PathLike, resolution: int, background: str = "auto
         else:
             colour = corner_background(rgb)
     else:
-        colour = parse_colour(background)
+        colour = background_colour(background)
     rgb = rgb * alpha + np.asarray(colour, np.float32) * (1.0 - alpha)
     height, width = rgb.shape[:2]
     side = min(height, width)
@@ -77,26 +78,11 @@ def corner_background(rgb: np.ndarray) -> tuple[float, float, float]:
     return tuple(float(c) for c in corners.mean(0))
 
 
-def parse_colour(text: str) -> tuple[float, float, float]:
-    named = {"white": WHITE, "black": (0.0, 0.0, 0.0)}
-    if text in named:
-        return named[text]
-    try:
-        values = tuple(float(x) for x in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 3 or not all(0.0 <= v <= 1.0 for v in values):
-        raise ValueError(f"background must be auto, white, black or R,G,B in [0, 1], got {text!r}")
-    return values
-
-
-def orbit_camera(resolution: int, fov_deg: float, radius: float, elevation_deg: float,
-                 azimuth_deg: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """(K, c2w) of a square camera on the orbit the turntable uses, looking at the origin, +z up."""
-    elevation, azimuth = math.radians(elevation_deg), math.radians(azimuth_deg)
-    eye = radius * np.array([math.cos(elevation) * math.cos(azimuth), math.cos(elevation) * math.sin(azimuth),
-                             math.sin(elevation)])
-    return intrinsics_from_fov(resolution, resolution, math.radians(fov_deg)), look_at_c2w(eye, np.zeros(3))
+def background_argument(text: str) -> str:
+    """The --background value: "auto" or a colour (checked here, parsed by :func:`load_image`)."""
+    if text != "auto":
+        background_colour(text)
+    return text
 
 
 def image_to_3d(model, image_path: str | os.PathLike, out_dir: str | os.PathLike, steps: int = 10,
@@ -133,8 +119,9 @@ def image_to_3d(model, image_path: str | os.PathLike, out_dir: str | os.PathLike
     t = time.perf_counter()
     image, colour = load_image(image_path, resolution, background)
     Image.fromarray(np.round(image * 255).astype(np.uint8)).save(out / "input.png")
-    K, c2w = orbit_camera(resolution, fov_deg, radius, elevation_deg)
-    target_K, target_c2w = orbit_camera(resolution, fov_deg, radius, elevation_deg, target_azimuth_deg)
+    # square cameras on the orbit the turntable uses, looking at the origin, +z up
+    K, c2w = orbit_camera(radius, elevation_deg, 0.0, fov_deg, resolution)
+    target_K, target_c2w = orbit_camera(radius, elevation_deg, target_azimuth_deg, fov_deg, resolution)
 
     def tensor(x):
         return torch.as_tensor(np.asarray(x), dtype=torch.float32, device=device)
@@ -179,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("image", help="the input image (PNG/JPEG/WebP; transparency is composited on white)")
     parser.add_argument("--model", required=True, help="an exported model directory (read by model_zoo.loading.load)")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--steps", type=int, default=10, help="sampler steps (default 10)")
+    parser.add_argument("--steps", type=positive_int, default=10, help="sampler steps (default 10)")
     parser.add_argument("--sampler", choices=tuple(SAMPLERS), default="dpmpp_2m",
                         help="see model_zoo/samplers.py (default dpmpp_2m: better than ddim at every measured step count)")
     parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none; default 1)")
@@ -188,36 +175,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--radius", type=float, default=None,
                         help=f"assumed camera distance (default {DEFAULT_RADIUS_FACTOR} x the box half-size)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    parser.add_argument("--mesh-resolution", type=int, default=64, help="density grid points per side (default 64)")
+    parser.add_argument("--mesh-resolution", type=int_at_least(2), default=64, help="density grid points per side (default 64)")
     parser.add_argument("--level", type=float, default=None,
                         help="iso-level density (default: ln 2 / render step; see model_zoo.assets)")
-    parser.add_argument("--background", default="auto", help="auto (default), white, black or R,G,B in [0, 1]")
-    parser.add_argument("--frames", type=int, default=36, help="turntable frames (default 36)")
+    parser.add_argument("--background", type=background_argument, default="auto",
+                        help="auto (default), white, black, gray or R,G,B in [0, 1]")
+    parser.add_argument("--frames", type=positive_int, default=36, help="turntable frames (default 36)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads for torch (default: torch's own; 1 is much faster for the tiny preset "
                              "on a small shared machine)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    for name in ("steps", "mesh_resolution", "frames"):
-        if getattr(args, name) < (2 if name == "mesh_resolution" else 1):
-            print(f"error: --{name.replace('_', '-')} is too small: {getattr(args, name)}", file=sys.stderr)
-            return 2
+    args = build_parser().parse_args(argv)  # sizes and the colour are checked there (exit status 2)
     if not Path(args.image).is_file():
         print(f"error: no such image: {args.image}", file=sys.stderr)
         return 2
-    try:
-        parse_colour(args.background) if args.background != "auto" else None
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     if args.threads is not None:
-        if args.threads < 1:
-            print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
-            return 2
         torch.set_num_threads(args.threads)
     from model_zoo.loading import load  # written alongside; imported here so --help works without it
 

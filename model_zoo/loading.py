@@ -1,4 +1,4 @@
-"""Load an exported GOEmbedFusion model directory (see ``model_zoo/export.py``).
+"""Load an exported GOEmbedFusion model directory (see ``model_zoo/export/``).
 
     import model_zoo
     model = model_zoo.load("exports/tiny")               # or "s3://bucket/exports/tiny"
@@ -25,11 +25,8 @@ import pydantic
 import torch
 
 from data_pipeline import storage
+from model_zoo.checkpoint_layout import CHECKPOINTS, LATEST, MANIFEST, MODEL_CONFIG, TRAINED_WEIGHTS, WEIGHTS
 from model_zoo.goembedfusion import GOEmbedFusion, ModelConfig
-
-WEIGHTS = "model.safetensors"  # the EMA weights when the run kept an EMA, else the trained ones
-TRAINED_WEIGHTS = "model_trained.safetensors"  # checkpoints only: the trained weights beside their EMA
-MODEL_CONFIG = "model_config.json"
 
 
 class ExportFormatError(ValueError):
@@ -93,10 +90,10 @@ def _load_local(directory: str, device, dtype, weights: str = "default", shown_a
     weights_name = weights_file(listing, weights)
     for name in (MODEL_CONFIG, weights_name):
         if name not in listing:
-            if "MANIFEST.json" in listing:
+            if MANIFEST in listing:
                 hint = (" It is a training checkpoint written before checkpoints carried portable weights: "
                         "add them with `python -m trainer.portable CHECKPOINT_DIR`.")
-            elif "latest" in listing or "checkpoints" in listing:
+            elif LATEST in listing or CHECKPOINTS in listing:
                 hint = (" It looks like a run or checkpoints directory: pass one checkpoint's directory "
                         "(.../checkpoints/step_00000300) or export it with `python -m model_zoo.export`.")
             else:

@@ -12,11 +12,11 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from data_pipeline.atomic_files import write_atomic
 from model_zoo.marching_tetrahedra import edge_use_counts, marching_tetrahedra
 
 marching_cubes = marching_tetrahedra  # the old name (it never was marching cubes), kept for callers
@@ -103,14 +103,6 @@ def _check_mesh(vertices, faces, colors) -> tuple[np.ndarray, np.ndarray, np.nda
     return vertices, faces, np.ascontiguousarray(colors)
 
 
-def _atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _trimesh(vertices, faces, colors, visual=None):
     import trimesh
 
@@ -122,7 +114,7 @@ def _trimesh(vertices, faces, colors, visual=None):
 def write_ply(path: str | os.PathLike, vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = None) -> None:
     """Binary little-endian PLY: vertex x, y, z (float32), red, green, blue, alpha (uint8); triangle faces."""
     vertices, faces, colors = _check_mesh(vertices, faces, colors)
-    _atomic_write(path, _trimesh(vertices, faces, colors).export(file_type="ply", encoding="binary"))
+    write_atomic(path, _trimesh(vertices, faces, colors).export(file_type="ply", encoding="binary"))
 
 
 # glTF is +y up, this project's world +z up: the node maps (x, y, z) to (x, z, -y), -90° about x.
@@ -151,7 +143,7 @@ def write_glb(path: str | os.PathLike, vertices: np.ndarray, faces: np.ndarray, 
         scene.add_geometry(mesh, node_name="object", geom_name="object",
                            transform=_Z_UP_TO_GLTF if z_up else np.eye(4))
     # the exporter itself: Scene.export refuses an empty scene, which is still a valid file
-    _atomic_write(path, trimesh.exchange.gltf.export_glb(scene))
+    write_atomic(path, trimesh.exchange.gltf.export_glb(scene))
 
 
 __all__ = ["marching_tetrahedra", "marching_cubes", "edge_use_counts", "decode_points", "grid_points", "density_grid",

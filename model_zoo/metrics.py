@@ -32,11 +32,19 @@ FEATURE_RESOLUTION = 128  # OmniObject3D evaluates generation on 128 px renders
 
 
 # -- per-image metrics ---------------------------------------------------------------------------
-def psnr(a: torch.Tensor, b: torch.Tensor, max_val: float = 1.0) -> torch.Tensor:
-    """PSNR in dB per image (N,). Identical images give +inf (no cap: a cap would be an invented
+def psnr_from_mse(mse: torch.Tensor, max_val: float = 1.0, mse_floor: float = 0.0) -> torch.Tensor:
+    """PSNR in dB of mean squared errors: 10 log10(max_val² / mse). With the default ``mse_floor``
+    a zero error gives +inf; a floor caps the PSNR (1e-10: 100 dB), for training logs and quick
+    experiment means where one perfect image must not make the mean infinite."""
+    return 10 * torch.log10(max_val ** 2 / mse.clamp_min(mse_floor))
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, max_val: float = 1.0, mse_floor: float = 0.0) -> torch.Tensor:
+    """PSNR in dB per image (N,) (over every dimension after the first: all of an object's views for
+    (N, V, 3, H, W)). Identical images give +inf (no cap by default: a cap would be an invented
     number; a mean over images containing one is inf, which is the honest answer)."""
     mse = (a.float() - b.float()).square().flatten(1).mean(1)
-    return 10 * torch.log10(max_val ** 2 / mse)  # mse == 0 -> +inf
+    return psnr_from_mse(mse, max_val, mse_floor)
 
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:

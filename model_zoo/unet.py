@@ -336,7 +336,21 @@ def _pad_to_multiple(x: torch.Tensor, multiple: int, num_spatial: int) -> torch.
 # --------------------------------------------------------------------------- representation denoisers
 
 
-class TriplaneDenoiser(nn.Module):
+class _GridDenoiser(nn.Module):
+    """A U-Net denoiser of feature grids of ``resolution`` cells a side. The input may carry more
+    channels per cell than the output (e.g. separate groups of clean-context and noisy-target
+    evidence); the output is always one clean grid of ``channels``."""
+
+    spatial_dims: int  # of the U-Net: 2 (a triplane rolled out into one image) or 3 (a voxel grid)
+
+    def __init__(self, channels: int, resolution: int, config: UNetConfig, in_channels: int | None = None):
+        super().__init__()
+        self.channels, self.resolution = channels, resolution
+        self.in_channels = in_channels or channels
+        self.unet = UNet(self.spatial_dims, self.in_channels, channels, config)
+
+
+class TriplaneDenoiser(_GridDenoiser):
     """(B, 3, C, R, R) triplane -> clean (B, 3, C, R, R) triplane, through one 2D U-Net.
 
     The three planes are "rolled out" side by side into one (B, C, R', 3R') image rather than
@@ -348,13 +362,7 @@ class TriplaneDenoiser(nn.Module):
     plane borders coincide with the downsampling grid (no coarse cell straddles two planes).
     """
 
-    def __init__(self, channels: int, resolution: int, config: UNetConfig, in_channels: int | None = None):
-        super().__init__()
-        self.channels, self.resolution = channels, resolution
-        # The input may carry more channels per plane than the output (e.g. separate groups of
-        # clean-context and noisy-target evidence); the output is always one clean triplane.
-        self.in_channels = in_channels or channels
-        self.unet = UNet(2, self.in_channels, channels, config)
+    spatial_dims = 2
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         b, planes, c, r, r2 = x.shape
@@ -370,14 +378,10 @@ class TriplaneDenoiser(nn.Module):
         return unrolled[..., :r, :r].contiguous()
 
 
-class VoxelDenoiser(nn.Module):
+class VoxelDenoiser(_GridDenoiser):
     """(B, C, R, R, R) feature grid -> clean grid of the same shape, through a 3D U-Net."""
 
-    def __init__(self, channels: int, resolution: int, config: UNetConfig, in_channels: int | None = None):
-        super().__init__()
-        self.channels, self.resolution = channels, resolution
-        self.in_channels = in_channels or channels
-        self.unet = UNet(3, self.in_channels, channels, config)
+    spatial_dims = 3
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         expected = (self.in_channels,) + (self.resolution,) * 3

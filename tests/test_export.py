@@ -82,7 +82,7 @@ def plain(runs, tmp_path_factory):
 def outputs(model: GOEmbedFusion, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """reconstruct + render on the fixed batch."""
     dtype = next(model.parameters()).dtype
-    context = Views(batch.context_images.to(dtype), batch.context_K.to(dtype), batch.context_c2w.to(dtype))
+    context = Views.from_batch(batch, "context").to(dtype)
     background = batch.background.to(dtype)
     state = model.reconstruct(context, background)
     image = model.render(state, batch.target_K.to(dtype), batch.target_c2w.to(dtype), 32, 32, background)

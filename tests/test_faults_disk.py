@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from data_pipeline import storage
-from data_pipeline.synthetic import generate_dataset
+from tests.synthetic_shards import synthetic_shards
 from tests.test_trainer import ROOT, losses, settings
 from trainer.checkpoint import Checkpointer
 from trainer.distributed import DistEnv
@@ -24,9 +24,7 @@ from trainer.distributed import DistEnv
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("data"))
-    summary = generate_dataset(out, objects=24, views=8, resolution=32, seed=2, holdout_fraction=0.125, progress=False)
-    return summary["train_pattern"], summary["holdout_pattern"]
+    return synthetic_shards(tmp_path_factory, objects=24)
 
 
 @pytest.fixture

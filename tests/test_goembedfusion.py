@@ -44,11 +44,22 @@ def test_loss_reaches_decoder_and_denoiser(dataset, kind):
         assert total > 0, f"no gradient reached the {name}"
 
 
+def test_views_from_a_reader_batch(dataset):
+    batch = first_batch(dataset[0])
+    for which in ("context", "target"):
+        views = Views.from_batch(batch, which)
+        assert views.images is getattr(batch, f"{which}_images") and views.K is getattr(batch, f"{which}_K")
+        assert views.c2w is getattr(batch, f"{which}_c2w")
+    assert Views.from_batch(batch, "target").to(torch.float64).K.dtype == torch.float64
+    with pytest.raises(ValueError, match="context' or 'target"):
+        Views.from_batch(batch, "held_out")
+
+
 def test_gradient_flows_through_goembed_into_the_decoder(dataset):
     torch.manual_seed(0)
     model = GOEmbedFusion(ModelConfig(encode_resolution=16))
     batch = first_batch(dataset[0])
-    views = Views(batch.context_images, batch.context_K, batch.context_c2w)
+    views = Views.from_batch(batch, "context")
     # Only path from this loss to ψ: through the encoder (the denoiser output is not rendered).
     for create_graph in (True, False):
         model.zero_grad(set_to_none=True)
@@ -81,7 +92,7 @@ def test_sampling_returns_a_representation_renderable_from_any_camera(dataset):
     torch.manual_seed(0)
     model = GOEmbedFusion(ModelConfig(encode_resolution=16)).eval()
     batch = first_batch(dataset[1])
-    context = Views(batch.context_images, batch.context_K, batch.context_c2w)
+    context = Views.from_batch(batch, "context")
     K16 = batch.target_K[:, 0] * torch.tensor([0.5, 0.5, 1.0]).view(3, 1)  # 32 px cameras -> 16 px
     for ctx, scale in ((None, 1.0), (context, 2.0)):
         state = model.sample(K16, batch.target_c2w[:, 0], batch.background, context=ctx, steps=3, guidance_scale=scale,

@@ -24,7 +24,7 @@ from data_pipeline import storage
 from data_pipeline.cameras import project_points, project_points_blender, scale_intrinsics
 import functools
 
-from data_pipeline.ingest import IngestError, SourceError
+from data_pipeline.ingest import IngestError, IngestOptions, SourceError
 from data_pipeline.ingest import ingest as _ingest
 from data_pipeline.ingest import load_nerf_synthetic_object as _load_object
 from data_pipeline.ingest import main as _main
@@ -32,7 +32,8 @@ from data_pipeline.ingest import main as _main
 # These tests check cameras against the files exactly: native scale (normalisation has its own
 # tests in test_ingest_normalise.py).
 ingest = functools.partial(_ingest, normalize="none")
-load_nerf_synthetic_object = functools.partial(_load_object, normalize="none")
+def load_nerf_synthetic_object(folder, **options):
+    return _load_object(folder, IngestOptions(normalize="none", **options))
 
 
 def main(argv):
@@ -50,16 +51,24 @@ GREY = (128, 128, 128, 255)
 # --------------------------------------------------------------------------- building objects
 
 
-def blender_look_at(eye, target=(0.0, 0.0, 0.0), up=(0.0, 0.0, 1.0)) -> np.ndarray:
-    """Blender/OpenGL c2w, written from the convention (camera looks along -z, +y up), not from cameras.py."""
-    eye, target, up = (np.asarray(v, dtype=np.float64) for v in (eye, target, up))
-    back = eye - target
-    back /= np.linalg.norm(back)  # camera +z points away from what it looks at
-    right = np.cross(up, back)
-    right /= np.linalg.norm(right)
-    cam_up = np.cross(back, right)
+def blender_look_at(eye) -> np.ndarray:
+    """Blender/OpenGL c2w of a camera at ``eye`` looking at the origin, +z up, posed the way Blender
+    poses one (not from cameras.py, and not by cross products as cameras.py does): a camera looks
+    along its -z with +y up, rotated by Euler XYZ angles (90° - elevation, 0, azimuth + 90°)."""
+    eye = np.asarray(eye, dtype=np.float64)
+    elevation = math.asin(eye[2] / np.linalg.norm(eye))
+    azimuth = math.atan2(eye[1], eye[0])
+
+    def rotation(axis: int, angle: float) -> np.ndarray:
+        c, s = math.cos(angle), math.sin(angle)
+        i, j = [k for k in range(3) if k != axis]
+        matrix = np.eye(3)
+        matrix[i, i], matrix[i, j], matrix[j, i], matrix[j, j] = c, -s, s, c
+        return matrix
+
     c2w = np.eye(4)
-    c2w[:3, 0], c2w[:3, 1], c2w[:3, 2], c2w[:3, 3] = right, cam_up, back, eye
+    c2w[:3, :3] = rotation(2, azimuth + math.pi / 2) @ rotation(0, math.pi / 2 - elevation)
+    c2w[:3, 3] = eye
     return c2w
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from model_zoo.metrics import (UNAVAILABLE, InceptionFeatures, InceptionV3Pool, RandomConvFeatures,
                                build_feature_extractor, fid_from_features, kernel_inception_distance, load_lpips, psnr,
-                               resize_bilinear_tf1, ssim)
+                               psnr_from_mse, resize_bilinear_tf1, ssim)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -39,6 +39,17 @@ def test_psnr_identical_is_infinite_and_noise_matches_the_formula():
         assert psnr(a, b).shape == (3,)
         assert torch.allclose(psnr(a, b), torch.full((3,), expected), atol=0.05)
     assert torch.allclose(psnr(a * 255, (a + 0.1) * 255, max_val=255.0), torch.full((3,), 20.0), atol=1e-3)
+
+
+def test_psnr_from_mse_is_the_one_formula_and_its_floor_caps_it():
+    a = torch.rand(4, 2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    b = (a + 0.05).clamp(0, 1)
+    mse = (a - b).square().flatten(1).mean(1)
+    assert torch.equal(psnr(a, b), psnr_from_mse(mse))  # per object, over all its views
+    assert torch.allclose(psnr_from_mse(mse), -10 * torch.log10(mse))
+    assert torch.isinf(psnr_from_mse(torch.zeros(2))).all()
+    assert torch.allclose(psnr_from_mse(torch.zeros(2), mse_floor=1e-10), torch.full((2,), 100.0))
+    assert torch.allclose(psnr(a, a, mse_floor=1e-10), torch.full((4,), 100.0))
 
 
 def test_ssim_identical_is_one_and_falls_with_noise():

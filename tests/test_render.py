@@ -30,10 +30,33 @@ RESOLUTION = 128
 VIEWS = 6
 
 
+RENDER = [sys.executable, "-m", "data_pipeline.render"]
+
+
+def render_env() -> dict:
+    return {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
 def run_render(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "data_pipeline.render", *args, "--no-progress"], cwd=ROOT, env=env,
+    return subprocess.run([*RENDER, *args, "--no-progress"], cwd=ROOT, env=render_env(),
                           capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def start_render(*args: str, **popen) -> subprocess.Popen:
+    """A render in the background, in its own process group (a test can kill it with its Blender workers)."""
+    return subprocess.Popen([*RENDER, *args, "--no-progress"], cwd=ROOT, env=render_env(), start_new_session=True,
+                            **popen)
+
+
+def write_stretched_spheres(folder, count: int, axis: int, prefix: str) -> None:
+    """``count`` distinct meshes in a new ``folder``: icospheres, the i-th stretched by 1 + i along ``axis``."""
+    folder.mkdir()
+    for i in range(count):
+        scale = [1.0, 1.0, 0.5]
+        scale[axis] += i
+        mesh = trimesh.creation.icosphere(subdivisions=2)
+        mesh.apply_scale(scale)
+        mesh.export(str(folder / f"{prefix}{i}.ply"))
 
 
 def read_samples(out: str) -> dict:
@@ -275,20 +298,13 @@ def test_a_killed_run_resumed_with_the_same_arguments_equals_an_uninterrupted_ru
     import time
 
     folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(4):
-        mesh = trimesh.creation.icosphere(subdivisions=2)
-        mesh.apply_scale([1.0 + i, 1.0, 0.5])
-        mesh.export(str(folder / f"m{i}.ply"))
+    write_stretched_spheres(folder, 4, axis=0, prefix="m")
     args = [str(folder), "--engine", "cycles", "--samples", "4", "--views", "4", "--resolution", "48", "--maxcount", "1"]
     whole = str(tmp_path / "whole")
     assert run_render(*args, "--out", whole).returncode == 0
 
     resumed = str(tmp_path / "resumed")
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    process = subprocess.Popen([sys.executable, "-m", "data_pipeline.render", *args, "--out", resumed, "--no-progress"],
-                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    process = start_render(*args, "--out", resumed, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = os.path.join(resumed, "manifest", "part-000000.json")
     deadline = time.monotonic() + 120
     while not os.path.exists(first) and process.poll() is None and time.monotonic() < deadline:
@@ -315,7 +331,7 @@ def test_rendered_shards_train(rendered, tmp_path):
               "model.encode_resolution": 16, "model.rays_per_view": 64, "log.every_steps": 1,
               "log.preview_every_steps": 0, "log.tensorboard": "false", "checkpoint.every_steps": 100,
               "train.max_steps": 3, "train.device": "cpu"}
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**render_env(), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "launch/local.py", "--nproc", "1", *[f"{k}={v}" for k, v in values.items()]],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=400, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -357,7 +373,7 @@ def test_meshes_from_s3_to_s3(tmp_path, s3_env, s3_bucket):
         with open(paths[object_id], "rb") as src, storage.open_url(f"{s3_bucket}/in/{os.path.basename(paths[object_id])}", "wb") as dst:
             dst.write(src.read())
     out = f"{s3_bucket}/renders"
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = render_env()
     args = [f"{s3_bucket}/in", "--out", out, "--engine", "workbench", "--views", "2", "--resolution", "32", "--no-progress"]
     done = subprocess.run([sys.executable, "-m", "data_pipeline.render", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300, check=False)
@@ -377,19 +393,13 @@ def test_a_blender_worker_that_dies_is_replaced_and_the_output_is_complete(tmp_p
 
     import psutil  # noqa: E402  (comes with ray[default])
     folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(6):  # enough work that a worker is still rendering when it is killed
-        mesh = trimesh.creation.icosphere(subdivisions=2)
-        mesh.apply_scale([1.0, 1.0 + i, 0.5])
-        mesh.export(str(folder / f"w{i}.ply"))
+    write_stretched_spheres(folder, 6, axis=1, prefix="w")  # enough work that a worker is still rendering when it is killed
     args = [str(folder), "--engine", "cycles", "--samples", "4", "--views", "4", "--resolution", "48", "--maxcount", "2"]
     whole = str(tmp_path / "whole")
     assert run_render(*args, "--out", whole).returncode == 0
     out = str(tmp_path / "out")
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    process = subprocess.Popen([sys.executable, "-m", "data_pipeline.render", *args, "--out", out, "--no-progress",
-                                "--workers", "2"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
+    process = start_render(*args, "--out", out, "--workers", "2", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
     killed = None
     deadline = time.monotonic() + 120
     while killed is None and process.poll() is None and time.monotonic() < deadline:

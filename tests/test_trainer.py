@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from data_pipeline.synthetic import generate_dataset
+from tests.synthetic_shards import synthetic_shards
 from trainer.checkpoint import CheckpointError, Checkpointer
 from trainer.distributed import DistEnv
 
@@ -22,9 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("data"))
-    summary = generate_dataset(out, objects=48, views=8, resolution=32, seed=2, holdout_fraction=0.125, progress=False)
-    return summary["train_pattern"], summary["holdout_pattern"]
+    return synthetic_shards(tmp_path_factory, objects=48)
 
 
 def settings(shards, run_dir, **extra) -> list[str]:

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import pytest
 
-from data_pipeline.synthetic import generate_dataset
 from tests.dist_scenarios import run_ranks
+from tests.synthetic_shards import synthetic_shards
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("data"))
-    summary = generate_dataset(out, objects=16, views=6, resolution=32, seed=5, holdout_fraction=0.0, progress=False)
-    return summary["train_pattern"]
+    return synthetic_shards(tmp_path_factory, objects=16, views=6, seed=5, holdout_fraction=0.0)[0]
 
 
 def small_settings(train_urls: str, **extra) -> dict:

@@ -12,7 +12,10 @@ from PIL import Image, ImageSequence
 
 from data_pipeline import cameras
 from data_pipeline.cameras import project_points
-from trainer.logging_utils import MetricsLogger, ProgressBar, plot_loss_curves, read_metrics
+from trainer.loss_plot import plot_loss_curves
+from trainer.metrics_file import read_metrics
+from trainer.metrics_logger import MetricsLogger
+from trainer.progress import ProgressBar
 from trainer.previews import SEPARATOR_PX, save_preview_grid, save_turntable_gif, turntable_cameras
 
 

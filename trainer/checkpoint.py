@@ -33,22 +33,13 @@ import numpy as np
 import torch
 
 from data_pipeline import storage
+from data_pipeline.atomic_files import write_atomic
+from model_zoo.checkpoint_layout import LATEST, MANIFEST, RUN_CONFIG, TAG_PREFIX, rank_file, tag_for
 from trainer.distributed import DistEnv, barrier, broadcast_object
-
-MANIFEST = "MANIFEST.json"
-LATEST = "latest"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says which file or rank."""
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def rank_file(rank: int) -> str:
-    return f"trainer_rank{rank:05d}.pt"
 
 
 @dataclass
@@ -140,7 +131,7 @@ class Checkpointer:
                 if self.env.is_main:
                     write_portable(local_dir, model.config, trained, averaged, state.step)
             if self.env.is_main:
-                with open(os.path.join(local_dir, "config.yaml"), "w") as f:
+                with open(os.path.join(local_dir, RUN_CONFIG), "w") as f:
                     f.write(config_yaml)
         except Exception as error:
             raise self._disk_full(local_dir, error) or error
@@ -183,7 +174,7 @@ class Checkpointer:
         if self.local or self.env.local_rank != 0:
             return
         root = os.path.dirname(self.local_dir(newest))
-        staged = sorted(t for t in os.listdir(root) if t.startswith("step_") and t <= newest)
+        staged = sorted(t for t in os.listdir(root) if t.startswith(TAG_PREFIX) and t <= newest)
         for tag in staged[:-max(self.keep_last, 1)]:
             shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
 
@@ -194,10 +185,7 @@ class Checkpointer:
                 path = os.path.join(root, name)
                 files[os.path.relpath(path, local_dir)] = os.path.getsize(path)
         manifest = {"step": step, "world_size": self.env.world_size, "files": files}
-        tmp = os.path.join(local_dir, MANIFEST + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=1, sort_keys=True)
-        os.replace(tmp, os.path.join(local_dir, MANIFEST))
+        write_atomic(os.path.join(local_dir, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
 
     def _upload(self, local_dir: str, tag: str) -> None:
         fs, base = storage.filesystem(self.url, self.storage_options)
@@ -209,10 +197,7 @@ class Checkpointer:
     def _write_latest(self, tag: str) -> None:
         url = storage.join(self.url, LATEST)
         if self.local:  # atomic rename: a reader never sees a half-written pointer
-            path = storage.local_path(url)
-            with open(path + ".tmp", "w") as f:
-                f.write(tag + "\n")
-            os.replace(path + ".tmp", path)
+            write_atomic(storage.local_path(url), tag + "\n")
         else:  # an object store's PUT is atomic
             with storage.open_url(url, "wb", self.storage_options) as f:
                 f.write((tag + "\n").encode())
@@ -220,7 +205,7 @@ class Checkpointer:
     def _prune(self, newest: str) -> None:
         fs, base = storage.filesystem(self.url, self.storage_options)
         fs.invalidate_cache()  # object-store listings are cached per process; this one must be fresh
-        tags = sorted(name.rsplit("/", 1)[-1] for name in fs.ls(base, detail=False) if name.rsplit("/", 1)[-1].startswith("step_"))
+        tags = sorted(name.rsplit("/", 1)[-1] for name in fs.ls(base, detail=False) if name.rsplit("/", 1)[-1].startswith(TAG_PREFIX))
         complete = [t for t in tags if t <= newest]
         for tag in complete[:-self.keep_last] if self.keep_last else []:  # keep_last=0: someone else prunes
             fs.rm(base + "/" + tag, recursive=True)

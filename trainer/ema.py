@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from data_pipeline.ranks import rank_and_world
+
 
 class EMA:
     def __init__(self, module: nn.Module, decay: float):
@@ -56,7 +58,7 @@ class EMA:
                 if keep:
                     out[name] = shadow.detach().cpu().clone()
                 continue
-            world = dist.get_world_size() if dist.is_initialized() else 1
+            _, world = rank_and_world()
             local = shadow.to(device)
             parts = [torch.empty_like(local) for _ in range(world)]
             if world > 1:
@@ -73,12 +75,12 @@ class EMA:
         missing = [name for name in self.names if name not in state]
         if missing:
             raise ValueError(f"EMA weights lack {len(missing)} parameters, e.g. {missing[:3]}")
-        rank = dist.get_rank() if dist.is_initialized() else 0
+        rank, world = rank_and_world()
         for i, (name, param) in enumerate(zip(self.names, self._params)):
             full = state[name].float().flatten()
             if hasattr(param, "ds_tensor"):
                 chunk = self.shadow[i].numel()
-                padded = torch.zeros(chunk * (dist.get_world_size() if dist.is_initialized() else 1))
+                padded = torch.zeros(chunk * world)
                 padded[:full.numel()] = full
                 self.shadow[i].copy_(padded[rank * chunk:(rank + 1) * chunk])
             else:

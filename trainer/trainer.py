@@ -29,13 +29,16 @@ import yaml
 
 from data_pipeline import preflight, storage
 from data_pipeline.reader import StreamingReader, ViewBatch, merge_skip_stats, skip_metrics, skip_summary
+from model_zoo.checkpoint_layout import METRICS, RUN_CONFIG
 from model_zoo.goembedfusion import Views
 from trainer.checkpoint import Checkpointer, TrainerState, capture_rng, restore_rng
 from trainer.config import RunConfig, check_runnable, save_config, to_dict
 from trainer.distributed import DistEnv, all_gather_objects, all_true, init_distributed
 from trainer.ema import EMA
 from trainer.engine import build_engine
-from trainer.logging_utils import MetricsLogger, ProgressBar, plot_loss_curves
+from trainer.loss_plot import plot_loss_curves
+from trainer.metrics_logger import MetricsLogger
+from trainer.progress import ProgressBar
 from trainer.previews import save_preview_grid, save_turntable_gif, turntable_cameras
 from trainer.run_lock import RunLock, RunLockedError
 
@@ -125,7 +128,7 @@ class Trainer:
         self.run_lock = lock_run_dir(self.run_dir, self.env)  # one run per run directory; held until fit() ends
         os.makedirs(self.run_dir, exist_ok=True)
         if self.env.is_main:
-            save_config(config, os.path.join(self.run_dir, "config.yaml"))
+            save_config(config, os.path.join(self.run_dir, RUN_CONFIG))
 
         torch.manual_seed(config.train.seed + self.env.rank)
         self.engine, self.model = build_engine(config, self.env.device)
@@ -182,7 +185,7 @@ class Trainer:
             with open(os.path.join(self.run_dir, "skipped_data.json"), "w") as f:
                 json.dump(skips, f, indent=1)
             print(skip_summary(skips), file=sys.stderr)
-            plot_loss_curves(os.path.join(self.run_dir, "metrics.jsonl"), os.path.join(self.run_dir, "loss.png"))
+            plot_loss_curves(os.path.join(self.run_dir, METRICS), os.path.join(self.run_dir, "loss.png"))
         if self.run_lock is not None:
             self.run_lock.release()
         return self.run_dir
@@ -345,7 +348,7 @@ class Trainer:
         model.eval()
         batch = batch.to(env.device)
         with self.precision():
-            context = Views(batch.context_images, batch.context_K, batch.context_c2w)
+            context = Views.from_batch(batch, "context")
             state = model.reconstruct(context, batch.background)
             height, width = batch.target_images.shape[-2:]
             prediction = model.render(state, batch.target_K[:, :1], batch.target_c2w[:, :1], height, width,

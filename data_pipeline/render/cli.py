@@ -31,7 +31,7 @@ import time
 
 from tqdm import tqdm
 
-from data_pipeline.cli_types import background_colour, byte_size, positive_float, positive_int
+from data_pipeline.cli_types import background_colour, byte_size, positive_float, positive_int, usage_errors
 from data_pipeline.render.blender import RenderDependencyError, check_bpy_installed
 from data_pipeline.render.inputs import InputError, find_meshes
 from data_pipeline.render.parts import ManifestError, finished_parts, split_parts, start_run, write_summary
@@ -91,26 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+    with usage_errors(parser, ValueError):
         settings = RenderSettings(
             views=args.views, resolution=args.resolution, engine=args.engine, samples=args.samples,
             camera_mode=args.cameras, camera_distance=args.camera_distance, elevation_deg=args.elevation_deg,
             fov_deg=args.fov_deg, background=tuple(args.background), lighting=args.lighting, seed=args.seed,
             box=args.box, fit=args.fit, max_faces=args.max_faces)
-    except ValueError as error:
-        parser.error(str(error))
     if args.ray_address is None:
         try:  # fail before any work when Blender is missing (Ray workers check their own)
             check_bpy_installed()
         except RenderDependencyError as error:
             print(f"render: {error}", file=sys.stderr)
             return 2
-    try:
+    with usage_errors(parser, InputError, ManifestError):
         jobs = find_meshes(args.sources)
         parts = split_parts(jobs, args.maxcount)
         start_run(args.out, settings, jobs, args.maxcount, args.maxsize)
-    except (InputError, ManifestError) as error:
-        parser.error(str(error))
     done = finished_parts(args.out, parts)
     todo = [p for p in parts if p.index not in done]
     already = sum(len(p.jobs) for p in parts if p.index in done)

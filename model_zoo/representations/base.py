@@ -127,3 +127,17 @@ class GridRepresentation(Representation):
         """twin_state (B, *twin(k).state_shape), matrix (k, feature_dim) -> (B, *state_shape):
         in every cell, channel c of block b is Σ_j twin[j] · matrix[j, b·channels + c]."""
         raise NotImplementedError
+
+
+class DenseGridRepresentation(GridRepresentation):
+    """A grid of ``resolution`` cells per side and ``channels`` features a cell (triplane, voxel
+    grid); its twin is the same grid with other channels."""
+
+    def __init__(self, channels: int, resolution: int, origin: str = "zeros", origin_scale: float = 0.1,
+                 origin_seed: int = 0):
+        super().__init__()
+        self.channels, self.resolution = channels, resolution
+        self._init_origin(origin, origin_scale, origin_seed)
+
+    def twin(self, channels: int) -> "DenseGridRepresentation":
+        return type(self)(channels, self.resolution)

@@ -5,21 +5,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model_zoo.representations.base import GridRepresentation
+from model_zoo.representations.base import DenseGridRepresentation
 
 # Which two coordinates index each plane; grid_sample reads (x, y) as (width, height).
 PLANE_AXES = ((0, 1), (0, 2), (1, 2))
 PLANE_SLICES = (slice(0, 2), slice(0, 3, 2), slice(1, 3))  # the same, as views (no gather)
 
 
-class TriplaneRepresentation(GridRepresentation):
+class TriplaneRepresentation(DenseGridRepresentation):
     kind = "triplane"
-
-    def __init__(self, channels: int, resolution: int, origin: str = "zeros", origin_scale: float = 0.1,
-                 origin_seed: int = 0):
-        super().__init__()
-        self.channels, self.resolution = channels, resolution
-        self._init_origin(origin, origin_scale, origin_seed)
 
     @property
     def state_shape(self) -> tuple[int, ...]:
@@ -32,9 +26,6 @@ class TriplaneRepresentation(GridRepresentation):
     @property
     def channel_axis(self) -> int:
         return 1
-
-    def twin(self, channels: int) -> "TriplaneRepresentation":
-        return TriplaneRepresentation(channels, self.resolution)
 
     def _coords(self, points: torch.Tensor, dtype) -> torch.Tensor:
         batch, count, _ = points.shape

@@ -5,17 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model_zoo.representations.base import GridRepresentation
+from model_zoo.representations.base import DenseGridRepresentation
 
 
-class VoxelRepresentation(GridRepresentation):
+class VoxelRepresentation(DenseGridRepresentation):
     kind = "voxel"
-
-    def __init__(self, channels: int, resolution: int, origin: str = "zeros", origin_scale: float = 0.1,
-                 origin_seed: int = 0):
-        super().__init__()
-        self.channels, self.resolution = channels, resolution
-        self._init_origin(origin, origin_scale, origin_seed)
 
     @property
     def state_shape(self) -> tuple[int, ...]:
@@ -28,9 +22,6 @@ class VoxelRepresentation(GridRepresentation):
     @property
     def channel_axis(self) -> int:
         return 0
-
-    def twin(self, channels: int) -> "VoxelRepresentation":
-        return VoxelRepresentation(channels, self.resolution)
 
     @staticmethod
     def _coords(points: torch.Tensor, dtype) -> torch.Tensor:
