@@ -138,21 +138,28 @@ def test_a_signal_to_the_launcher_stops_every_rank(shards, tmp_path, signum):
 # -- a failed rank: restarted (--max-restarts), or reported -----------------------------------------
 
 
+def kill_second_rank(process, run_dir: str, after_step: int, timeout: float):
+    """SIGKILL the rank started second (LOCAL_RANK 1) once ``after_step`` is logged; wait for the
+    launcher. Returns the two ranks' pids and the launcher's stdout and stderr."""
+    try:
+        wait_for_step(process, run_dir, after_step)
+        ranks = sorted(children(process.pid))
+        assert len(ranks) == 2, ranks
+        os.kill(ranks[1], signal.SIGKILL)
+        out, err = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    return ranks, out, err
+
+
 def test_a_killed_rank_restarts_every_rank_and_the_run_resumes_with_max_restarts(shards, tmp_path):
     """torchelastic's agent: rank 1 SIGKILLed after the step-4 checkpoint; --max-restarts 1 stops rank
     0, starts both again, they resume from step 4 and the run ends as a normal one (status 0)."""
     run_dir = str(tmp_path / "run")
     process = launch(["--max-restarts", "1", *settings(shards, run_dir, **{"train.max_steps": 10})])
-    try:
-        wait_for_step(process, run_dir, 6)
-        ranks = sorted(children(process.pid))
-        assert len(ranks) == 2, ranks
-        os.kill(ranks[1], signal.SIGKILL)  # the rank started second: LOCAL_RANK 1
-        out, err = process.communicate(timeout=300)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
+    ranks, out, err = kill_second_rank(process, run_dir, after_step=6, timeout=300)
     assert process.returncode == 0, err[-4000:]
     assert out.strip().splitlines()[-1] == f"run_dir: {os.path.abspath(run_dir)}"
     assert "launcher: restart 1 of 1 (--max-restarts)" in err, err[-4000:]
@@ -164,16 +171,7 @@ def test_a_killed_rank_restarts_every_rank_and_the_run_resumes_with_max_restarts
 def test_a_killed_rank_fails_the_launcher_and_stops_the_others_without_restarts(shards, tmp_path):
     run_dir = str(tmp_path / "run")
     process = launch(settings(shards, run_dir, **{"train.max_steps": 500, "checkpoint.every_steps": 500}))
-    try:
-        wait_for_step(process, run_dir, 1)
-        ranks = sorted(children(process.pid))
-        assert len(ranks) == 2, ranks
-        os.kill(ranks[1], signal.SIGKILL)
-        out, err = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
+    ranks, out, err = kill_second_rank(process, run_dir, after_step=1, timeout=120)
     assert process.returncode == 1, err[-4000:]
     assert "rank 1 exited with status -9 (SIGKILL); stopped the other ranks\n" in err, err[-4000:]
     assert "launcher: restart" not in err and "run_dir:" not in out
