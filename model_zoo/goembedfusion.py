@@ -89,6 +89,9 @@ class ModelConfig:
         "coverage", description=f"how GOEmbed normalises its encoding: {', '.join(NORMALISATIONS)} (goembed.py; README)")
     goembed_method: Annotated[str, _one_of(METHODS)] = Field(
         "auto", description=f"{', '.join(METHODS)}; auto: closed form where exact (grids, zero origin), else autograd")
+    goembed_log_density: bool = Field(False, description=(
+        "GOEmbed's density gradient with respect to log σ: keeps the views' colour in the encoding at a "
+        "blank origin (goembed.py; README)"))
     goembed_origin: Annotated[str, _one_of(ORIGINS)] = Field(
         "zeros", description="grids' GOEmbed origin: zeros, random (fixed, seeded) or learned (GOEmbed variants, README)")
     goembed_origin_scale: float = Field(0.1, ge=0, description="std of a random / learned grid origin")
@@ -228,7 +231,7 @@ class GOEmbedFusion(nn.Module):
             return (encoding, {}) if return_stats else encoding
         return goembed(self.renderer, rays, background, create_graph=create_graph,
                        normalisation=self.config.goembed_normalisation, method=self.config.goembed_method,
-                       return_stats=return_stats)
+                       return_stats=return_stats, log_density=self.config.goembed_log_density)
 
     def condition(self, context: Views | None, noisy: Views | None, background: torch.Tensor,
                   context_weights: torch.Tensor | None = None, noisy_weights: torch.Tensor | None = None,

@@ -136,6 +136,21 @@ class RenderOutput:
     points: torch.Tensor | None = None  # (B, N, S, 3) normalised sample points, when requested
 
 
+class _LogGradient(torch.autograd.Function):
+    """Identity forward; backward multiplies the incoming gradient by the value (∂/∂log x = x ∂/∂x).
+    Its backward is made of differentiable ops, so it works under ``create_graph``."""
+
+    @staticmethod
+    def forward(ctx, value):
+        ctx.save_for_backward(value)
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (value,) = ctx.saved_tensors
+        return grad * value
+
+
 def composite(density: torch.Tensor, colour: torch.Tensor, deltas: torch.Tensor, depths: torch.Tensor,
               background: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Emission-absorption quadrature along the last sample axis.
@@ -168,8 +183,11 @@ class VolumeRenderer(nn.Module):
 
     def render_rays(self, state: torch.Tensor, origins: torch.Tensor, directions: torch.Tensor,
                     background: torch.Tensor, stratified: bool = False, generator: torch.Generator | None = None,
-                    keep_samples: bool = False) -> RenderOutput:
-        """state (B, *shape); origins, directions (B, N, 3) world units; background (B, 3)."""
+                    keep_samples: bool = False, log_density_gradient: bool = False) -> RenderOutput:
+        """state (B, *shape); origins, directions (B, N, 3) world units; background (B, 3).
+
+        ``log_density_gradient``: the backward pass carries ∂/∂log σ = σ ∂/∂σ into the decoder in
+        place of ∂/∂σ (GOEmbed's ``log_density``); the forward is unchanged."""
         batch, count, _ = origins.shape
         t_near, t_far, hit = intersect_box(origins, directions, self.box_half_size)
         depths, deltas = stratified_depths(t_near, t_far, self.samples_per_ray, stratified, generator)
@@ -183,6 +201,8 @@ class VolumeRenderer(nn.Module):
         else:
             density, colour = self.decoder(features)
         density = density.reshape(batch, count, self.samples_per_ray).to(origins.dtype)
+        if log_density_gradient:
+            density = _LogGradient.apply(density)
         colour = colour.reshape(batch, count, self.samples_per_ray, 3).to(origins.dtype)
         rgb, opacity, depth, weights = composite(density, colour, deltas, depths, background.unsqueeze(1).to(origins.dtype))
         return RenderOutput(rgb, opacity, depth, weights if keep_samples else None, normalised if keep_samples else None)

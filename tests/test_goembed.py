@@ -150,14 +150,17 @@ def three_views(dtype, size=5):
 @pytest.mark.parametrize("normalisation", ["sum", "views", "coverage"])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_closed_form_equals_autograd_goembed_and_trains_psi_the_same(kind, normalisation, weighted, dtype):
+@pytest.mark.parametrize("log_density", [False, True])
+def test_closed_form_equals_autograd_goembed_and_trains_psi_the_same(kind, normalisation, weighted, dtype, log_density):
     renderer = make_renderer(kind, dtype=dtype, channels=5, layers=2)
     rays = three_views(dtype)
     if weighted:
         rays.ray_weights = dropped_view_weights(rays)
     background = torch.tensor([[0.2, 0.9, 0.6]], dtype=dtype)
-    reference = goembed(renderer, rays, background, create_graph=True, normalisation=normalisation, method="autograd")
-    closed = goembed(renderer, rays, background, create_graph=True, normalisation=normalisation, method="closed_form")
+    reference = goembed(renderer, rays, background, create_graph=True, normalisation=normalisation, method="autograd",
+                        log_density=log_density)
+    closed = goembed(renderer, rays, background, create_graph=True, normalisation=normalisation, method="closed_form",
+                     log_density=log_density)
     scale = reference.abs().max()
     assert scale > 0
     difference = (closed - reference).abs().max()
@@ -171,7 +174,9 @@ def test_closed_form_equals_autograd_goembed_and_trains_psi_the_same(kind, norma
     grads_reference = torch.autograd.grad((reference * probe).sum(), parameters)
     grads_closed = torch.autograd.grad((closed * probe).sum(), parameters)
     for a, b in zip(grads_reference, grads_closed):
-        tolerance = (1e-9 if dtype == torch.float64 else 1e-4) * max(float(a.abs().max()), 1e-30)
+        # fp32: σ₀ (~0.01) scales the log-density gradients down, and rounding with them (seen: 1.06e-4).
+        fp32 = 3e-4 if log_density else 1e-4
+        tolerance = (1e-9 if dtype == torch.float64 else fp32) * max(float(a.abs().max()), 1e-30)
         assert (a - b).abs().max() <= tolerance
 
 
