@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -335,7 +336,7 @@ class _SlotStream(torch.utils.data.IterableDataset):
                 if mine:
                     self._count_skip(state, item, warn)
             state.batches += 1
-            yield _collate(pending), slot, SlotState.from_dict(state.to_dict())
+            yield _collate(pending, k), slot, SlotState.from_dict(state.to_dict())
 
     def _count_skip(self, state: SlotState, error: Exception, warn: _RateLimitedWarning) -> None:
         reason = getattr(error, "reason", None) or type(error).__name__
@@ -439,10 +440,7 @@ class _SlotStream(torch.utils.data.IterableDataset):
             K = K.copy()  # scale_intrinsics, for a stack of cameras
             K[:, 0, :] *= out_w / width
             K[:, 1, :] *= out_h / height
-        images = np.stack(rgb) if rgb else None
-        return _LoadedObject(object_id, background, chosen[:k], chosen[k:],
-                             images[:k] if k else None, K[:k], c2w[:k],
-                             images[k:] if len(chosen) > k else None, K[k:], c2w[k:])
+        return _LoadedObject(object_id, background, chosen, np.stack(rgb), K, c2w)
 
 
 def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -457,20 +455,16 @@ def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
 
 def _bad_cameras(items: list["_LoadedObject"]) -> list[int]:
     """Indices of the objects whose chosen cameras are invalid (one vectorised check for the batch)."""
-    K = np.concatenate([np.concatenate([item.context_K, item.target_K]) for item in items])
-    c2w = np.concatenate([np.concatenate([item.context_c2w, item.target_c2w]) for item in items])
     try:
-        check_cameras(K, c2w, where="batch")
+        check_cameras(np.concatenate([item.K for item in items]), np.concatenate([item.c2w for item in items]), where="batch")
         return []
     except CameraError:
         return [i for i, item in enumerate(items) if _bad_camera_error(item) is not None]
 
 
 def _bad_camera_error(item: "_LoadedObject") -> SampleError | None:
-    views = np.concatenate([item.context_views, item.target_views])
     try:
-        check_cameras(np.concatenate([item.context_K, item.target_K]), np.concatenate([item.context_c2w, item.target_c2w]),
-                      where=f"object {item.object_id} views {views.tolist()}")
+        check_cameras(item.K, item.c2w, where=f"object {item.object_id} views {item.views.tolist()}")
         return None
     except CameraError as error:
         return SampleError(str(error))
@@ -502,19 +496,14 @@ def _parse_meta(key: str, raw: RawRange, members: dict[str, int]) -> dict:
 class _LoadedObject:
     object_id: str
     background: tuple[float, float, float]
-    context_views: np.ndarray
-    target_views: np.ndarray
-    context_rgb: np.ndarray | None  # (k, H, W, 3) uint8
-    context_K: np.ndarray
-    context_c2w: np.ndarray
-    target_rgb: np.ndarray | None
-    target_K: np.ndarray
-    target_c2w: np.ndarray
+    views: np.ndarray  # (k + m,) int64: the stored views chosen, context views first
+    images: np.ndarray  # (k + m, H, W, 3 or 4) uint8 (4: RGB + mask, with ReaderConfig.masks)
+    K: np.ndarray  # (k + m, 3, 3) float64
+    c2w: np.ndarray  # (k + m, 4, 4) float64
 
     @property
     def image_shape(self) -> tuple[int, int]:
-        rgb = self.context_rgb if self.context_rgb is not None else self.target_rgb
-        return rgb.shape[1:3]
+        return self.images.shape[1:3]
 
 
 @dataclass
@@ -533,7 +522,7 @@ class _PackedBatch:
     def unpack(self) -> ViewBatch:
         fields, start = {}, 0
         for name, shape in self.layout:
-            size = int(np.prod(shape))
+            size = math.prod(shape)
             fields[name] = self.buffer[start:start + size].view(shape)
             start += size
         for name in ("context_view_indices", "target_view_indices"):
@@ -541,12 +530,13 @@ class _PackedBatch:
         return ViewBatch(object_ids=self.object_ids, **fields)
 
 
-def _collate(items: list[_LoadedObject]) -> _PackedBatch:
+def _collate(items: list[_LoadedObject], k: int) -> _PackedBatch:
+    """The batch's objects into one float32 buffer (see _PackedBatch), each field in one vectorised copy."""
     count = len(items)
-    height, width = items[0].image_shape
-    k, m = len(items[0].context_views), len(items[0].target_views)
-    rgb = items[0].context_rgb if k else items[0].target_rgb
-    masks = rgb.shape[-1] == 4  # ReaderConfig.masks: RGB + mask channels
+    images = np.stack([item.images for item in items])  # (B, k + m, H, W, C) uint8
+    _, views, height, width, channels = images.shape
+    m = views - k
+    masks = channels == 4  # ReaderConfig.masks: RGB + mask channels
     layout = [
         ("context_images", (count, k, 3, height, width)), ("target_images", (count, m, 3, height, width)),
         *([("context_masks", (count, k, 1, height, width)), ("target_masks", (count, m, 1, height, width))] if masks else []),
@@ -554,26 +544,27 @@ def _collate(items: list[_LoadedObject]) -> _PackedBatch:
         ("target_K", (count, m, 3, 3)), ("target_c2w", (count, m, 4, 4)),
         ("background", (count, 3)), ("context_view_indices", (count, k)), ("target_view_indices", (count, m)),
     ]
-    buffer = np.empty(sum(int(np.prod(shape)) for _, shape in layout), dtype=np.float32)
+    sizes = [math.prod(shape) for _, shape in layout]
+    buffer = np.empty(sum(sizes), dtype=np.float32)
     parts, start = {}, 0
-    for name, shape in layout:
-        size = int(np.prod(shape))
+    for (name, shape), size in zip(layout, sizes):
         parts[name] = buffer[start:start + size].reshape(shape)
         start += size
+    # uint8 BVHWC -> float32 BVCHW in [0, 1], one pass per field
+    chw = images.transpose(0, 1, 4, 2, 3)
     scale = np.float32(255.0)
-    for i, item in enumerate(items):  # uint8 HWC -> float32 CHW in [0, 1], in one pass
-        if k:
-            np.divide(item.context_rgb[..., :3].transpose(0, 3, 1, 2), scale, out=parts["context_images"][i])
-        if m:
-            np.divide(item.target_rgb[..., :3].transpose(0, 3, 1, 2), scale, out=parts["target_images"][i])
-        if masks and k:
-            np.divide(item.context_rgb[..., 3:].transpose(0, 3, 1, 2), scale, out=parts["context_masks"][i])
-        if masks and m:
-            np.divide(item.target_rgb[..., 3:].transpose(0, 3, 1, 2), scale, out=parts["target_masks"][i])
-        parts["context_K"][i], parts["context_c2w"][i] = item.context_K, item.context_c2w
-        parts["target_K"][i], parts["target_c2w"][i] = item.target_K, item.target_c2w
-        parts["background"][i] = item.background
-        parts["context_view_indices"][i], parts["target_view_indices"][i] = item.context_views, item.target_views
+    np.divide(chw[:, :k, :3], scale, out=parts["context_images"])
+    np.divide(chw[:, k:, :3], scale, out=parts["target_images"])
+    if masks:
+        np.divide(chw[:, :k, 3:], scale, out=parts["context_masks"])
+        np.divide(chw[:, k:, 3:], scale, out=parts["target_masks"])
+    K = np.stack([item.K for item in items])
+    c2w = np.stack([item.c2w for item in items])
+    chosen = np.stack([item.views for item in items])
+    parts["context_K"][...], parts["target_K"][...] = K[:, :k], K[:, k:]
+    parts["context_c2w"][...], parts["target_c2w"][...] = c2w[:, :k], c2w[:, k:]
+    parts["context_view_indices"][...], parts["target_view_indices"][...] = chosen[:, :k], chosen[:, k:]
+    parts["background"][...] = [item.background for item in items]
     return _PackedBatch(torch.from_numpy(buffer), layout, [item.object_id for item in items])
 
 
