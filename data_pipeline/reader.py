@@ -414,21 +414,19 @@ class _SlotStream(torch.utils.data.IterableDataset):
                 self._box_fit = BoxFitWarner(config.box_half_size)
             self._box_fit(SimpleNamespace(object_id=object_id, extra=meta.get("extra") or {}, intrinsics=K, c2w=c2w,
                                           width=width, height=height))
-        rgb = []
-        for view, name, mask_name in zip(chosen, names, mask_names):
+        rgb = np.empty((len(chosen), height, width, 4 if config.masks else 3), dtype=np.uint8)  # filled view by view
+        for j, (view, name, mask_name) in enumerate(zip(chosen, names, mask_names)):
             span = members.get(name)
             if span is None:
                 raise _tag(SampleError(f"sample {key!r}: view file {key}.{name} is missing from the shard"), "bad sample", raw.url)
             try:
-                image = decode_image(span_bytes(raw.buffer, span), width, height, where=f"{object_id} view {int(view)}")
+                rgb[j, ..., :3] = decode_image(span_bytes(raw.buffer, span), width, height, where=f"{object_id} view {int(view)}")
                 if config.masks:  # the mask travels as a 4th channel until _collate splits it off
                     mask_span = members.get(mask_name) if mask_name else None
                     if mask_span is None:
                         raise _tag(SampleError(f"object {object_id} has no mask for view {int(view)} (ReaderConfig.masks "
                                                f"is set)"), "no masks", raw.url)
-                    mask = decode_mask(span_bytes(raw.buffer, mask_span), width, height, where=f"{object_id} mask {int(view)}")
-                    image = np.concatenate([image, mask[..., None]], axis=-1)
-                rgb.append(image)
+                    rgb[j, ..., 3] = decode_mask(span_bytes(raw.buffer, mask_span), width, height, where=f"{object_id} mask {int(view)}")
             except SampleError as error:
                 if getattr(error, "reason", None):
                     raise
@@ -436,11 +434,11 @@ class _SlotStream(torch.utils.data.IterableDataset):
         if config.resolution is not None and config.resolution != width:
             out_w = config.resolution
             out_h = max(1, round(height * out_w / width))
-            rgb = [_resize(im, out_w, out_h) for im in rgb]
+            rgb = np.stack([_resize(im, out_w, out_h) for im in rgb])
             K = K.copy()  # scale_intrinsics, for a stack of cameras
             K[:, 0, :] *= out_w / width
             K[:, 1, :] *= out_h / height
-        return _LoadedObject(object_id, background, chosen, np.stack(rgb), K, c2w)
+        return _LoadedObject(object_id, background, chosen, rgb, K, c2w)
 
 
 def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -533,8 +531,12 @@ class _PackedBatch:
 def _collate(items: list[_LoadedObject], k: int) -> _PackedBatch:
     """The batch's objects into one float32 buffer (see _PackedBatch), each field in one vectorised copy."""
     count = len(items)
-    images = np.stack([item.images for item in items])  # (B, k + m, H, W, C) uint8
-    _, views, height, width, channels = images.shape
+    views, height, width, channels = items[0].images.shape
+    images = np.empty((count, views, height, width, channels), dtype=np.uint8)  # (np.stack costs more, in Python)
+    K, c2w = np.empty((count, views, 3, 3)), np.empty((count, views, 4, 4))
+    chosen = np.empty((count, views), dtype=np.int64)
+    for i, item in enumerate(items):
+        images[i], K[i], c2w[i], chosen[i] = item.images, item.K, item.c2w, item.views
     m = views - k
     masks = channels == 4  # ReaderConfig.masks: RGB + mask channels
     layout = [
@@ -558,9 +560,6 @@ def _collate(items: list[_LoadedObject], k: int) -> _PackedBatch:
     if masks:
         np.divide(chw[:, :k, 3:], scale, out=parts["context_masks"])
         np.divide(chw[:, k:, 3:], scale, out=parts["target_masks"])
-    K = np.stack([item.K for item in items])
-    c2w = np.stack([item.c2w for item in items])
-    chosen = np.stack([item.views for item in items])
     parts["context_K"][...], parts["target_K"][...] = K[:, :k], K[:, k:]
     parts["context_c2w"][...], parts["target_c2w"][...] = c2w[:, :k], c2w[:, k:]
     parts["context_view_indices"][...], parts["target_view_indices"][...] = chosen[:, :k], chosen[:, k:]
