@@ -21,9 +21,12 @@ count) and can save it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
+import multiprocessing
+import multiprocessing.sharedctypes
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -69,6 +72,10 @@ class ReaderConfig:
     prefetch_batches: int = 2  # per worker
     box_half_size: float | None = None  # the model's box: warn once if an object or camera misses it
     masks: bool = False  # also decode the chosen views' masks (KEY.viewNNN.mask.png); objects without are skipped
+    # Keep the loader workers (and their open S3 sessions, read-ahead threads) from one epoch to
+    # the next instead of forking new ones per epoch; an epoch continued mid-way (resume) gets a
+    # loader of its own. Ignored with num_workers=0.
+    persistent_workers: bool = True
 
     @property
     def piece_size(self) -> int:
@@ -248,12 +255,17 @@ class _SlotStream(torch.utils.data.IterableDataset):
     """Runs inside a DataLoader worker (or the main process) and yields the batches of one slot."""
 
     def __init__(self, config: ReaderConfig, index: DatasetIndex, plan: EpochPlan, rank: int, workers: int,
-                 slot_states: dict[int, SlotState], rotation: int):
+                 slot_states: dict[int, SlotState], rotation: int, epoch: "multiprocessing.sharedctypes.Synchronized | None" = None):
         self.config, self.index, self.plan = config, index, plan
         self.rank, self.workers = rank, workers
         self.slot_states, self.rotation = slot_states, rotation
+        # Persistent workers keep this object from epoch to epoch: the main process announces each
+        # new (fresh) epoch through shared memory, and the worker makes that epoch's plan itself.
+        self.epoch = epoch
 
     def __iter__(self) -> Iterator[tuple["_PackedBatch", int, SlotState]]:
+        if self.epoch is not None and self.epoch.value != self.plan.epoch:
+            self.plan = dataclasses.replace(self.plan, epoch=self.epoch.value)
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         logical = (worker + self.rotation) % self.workers
@@ -591,6 +603,7 @@ class StreamingReader:
         self._subset: tuple[int, ...] | None = None
         self._slot_states: dict[int, SlotState] = {}
         self._finished_skips = SkipStats()  # from completed epochs
+        self._persistent = None  # (shared epoch, stream, loader) of the persistent workers, once made
 
     # -- the plan --------------------------------------------------------------------------
     def _plan(self, epoch: int | None = None, subset=None) -> EpochPlan:
@@ -637,12 +650,12 @@ class StreamingReader:
         # A DataLoader hands out batches round-robin from worker 0. After a resume at batch n the
         # next batch belongs to logical worker n % workers, so the new workers are rotated.
         rotation = self.batches_consumed % self.workers
-        stream = _SlotStream(self.config, self.index, plan, self.rank, self.workers, dict(self._slot_states), rotation)
-        loader = torch.utils.data.DataLoader(
-            stream, batch_size=None, num_workers=self.config.num_workers,
-            prefetch_factor=self.config.prefetch_batches if self.config.num_workers else None,
-            multiprocessing_context="fork" if self.config.num_workers and os.name == "posix" else None,
-        )
+        fresh = self.batches_consumed == 0 and not self._slot_states and self._subset is None
+        if fresh and self.config.num_workers and self.config.persistent_workers:
+            loader = self._persistent_loader(plan)
+        else:  # an epoch continued mid-way: its own loader, with the saved slot states
+            loader = self._loader(_SlotStream(self.config, self.index, plan, self.rank, self.workers,
+                                              dict(self._slot_states), rotation), persistent=False)
         for packed, slot, state in loader:
             self._slot_states[slot] = state
             self.batches_consumed += 1
@@ -650,6 +663,26 @@ class StreamingReader:
         if self.batches_consumed != total:
             raise RuntimeError(f"internal: rank {self.rank} produced {self.batches_consumed} of {total} batches")
         self._finish_epoch()
+
+    def _loader(self, stream: _SlotStream, persistent: bool) -> torch.utils.data.DataLoader:
+        workers = self.config.num_workers
+        return torch.utils.data.DataLoader(
+            stream, batch_size=None, num_workers=workers, persistent_workers=persistent and workers > 0,
+            prefetch_factor=self.config.prefetch_batches if workers else None,
+            multiprocessing_context="fork" if workers and os.name == "posix" else None,
+        )
+
+    def _persistent_loader(self, plan: EpochPlan) -> torch.utils.data.DataLoader:
+        """The loader whose workers live from one fresh epoch to the next (made on first use)."""
+        if self._persistent is None:
+            epoch = multiprocessing.get_context("fork").Value("q", plan.epoch, lock=False)
+            stream = _SlotStream(self.config, self.index, plan, self.rank, self.workers, {}, 0, epoch)
+            self._persistent = (epoch, stream, self._loader(stream, persistent=True))
+        epoch, stream, loader = self._persistent
+        if dataclasses.replace(plan, epoch=stream.plan.epoch) != stream.plan:
+            raise RuntimeError("internal: the persistent loader's plan differs from this epoch's in more than the epoch")
+        epoch.value = plan.epoch  # read by each worker when the loader starts its next pass
+        return loader
 
     def _finish_epoch(self) -> None:
         for state in self._slot_states.values():
