@@ -22,6 +22,7 @@ count) and can save it.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import logging
 import math
@@ -268,6 +269,12 @@ class _SlotStream(torch.utils.data.IterableDataset):
             self.plan = dataclasses.replace(self.plan, epoch=self.epoch.value)
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
+        if info is not None and not getattr(self, "_frozen", False):
+            # A forked worker inherits the parent's whole heap (torch's modules: ~10^5 objects).
+            # Frozen, the collections that each block's metadata triggers skip it, and the pages stay
+            # shared with the parent instead of being copied when the collector touches them.
+            gc.freeze()
+            self._frozen = True
         logical = (worker + self.rotation) % self.workers
         slot = self.rank * self.workers + logical
         state = self.slot_states.get(slot) or SlotState()
