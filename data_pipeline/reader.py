@@ -722,9 +722,15 @@ class StreamingReader:
         states = state if isinstance(state, list) else [state]
         first = states[0]
         if first.get("version") != STATE_VERSION:
-            raise ValueError(f"reader state version {first.get('version')!r} is not supported (expected {STATE_VERSION}; "
-                             f"version 1 states come from the reader before shard pieces: call set_epoch() to start "
-                             f"the next epoch fresh)")
+            saved, epoch = first.get("version"), first.get("epoch")
+            why = ("it was saved by the reader before shard pieces (ReaderConfig.piece_objects), whose epoch order "
+                   "is different, so its position in the epoch cannot be carried over" if saved == 1 else
+                   "this reader does not know that version")
+            raise ValueError(
+                f"cannot resume the reader from a state of version {saved!r} (this reader writes and reads version "
+                f"{STATE_VERSION}): {why}. Either continue with the code that saved it, or start the data afresh at "
+                f"the next epoch: StreamingReader.set_epoch({'saved epoch + 1' if epoch is None else epoch + 1}) "
+                f"instead of load_state_dict (model and optimizer state are unaffected)")
         for name, mine in (("fingerprint", self.index.fingerprint()), ("seed", self.config.seed),
                            ("batch_size", self.config.batch_size), ("shuffle", self.config.shuffle),
                            ("drop_last", self.config.drop_last), ("block_size", self.config.shuffle_block_objects),

@@ -415,3 +415,11 @@ def test_persistent_workers_serve_every_epoch_like_fresh_ones(tmp_path):
     assert got == expected
     assert expected[0] != expected[1]  # epochs differ: the workers did take up the new epoch
     assert pids[0] == pids[1] == pids[3]  # the same worker processes in every fresh epoch
+
+
+def test_state_of_an_older_version_is_refused_with_the_way_out(tmp_path):
+    pattern = write_toy_shards(str(tmp_path), [6])
+    reader = StreamingReader(ReaderConfig(pattern, batch_size=2, context_views_max=1, num_workers=0))
+    old = {**reader.state_dict(), "version": 1, "epoch": 3}
+    with pytest.raises(ValueError, match=r"version 1 .*before shard pieces.*set_epoch\(4\)"):
+        reader.load_state_dict(old)
