@@ -13,7 +13,8 @@ ranged read per shard piece (in parallel on object stores), the next block read 
 thread — parsing only tar headers up front; a sample's metadata (orjson) and the arrays of its
 chosen views are built only when it is used. It picks the context and target views of each
 object from a seeded RNG, decodes only those views, checks their cameras once per batch, and
-yields whole batches. Unreadable samples are skipped, counted by reason and shard, and replaced
+yields whole batches. Loader workers persist from epoch to epoch (ReaderConfig.persistent_workers).
+Unreadable samples are skipped, counted by reason and shard, and replaced
 by reading on (epoch_plan.py: quota from elsewhere). Each batch carries the worker's cursor, so
 the main process knows exactly what has been consumed (prefetched but unconsumed batches do not
 count) and can save it.
@@ -27,7 +28,6 @@ import hashlib
 import logging
 import math
 import multiprocessing
-import multiprocessing.sharedctypes
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -256,12 +256,13 @@ class _SlotStream(torch.utils.data.IterableDataset):
     """Runs inside a DataLoader worker (or the main process) and yields the batches of one slot."""
 
     def __init__(self, config: ReaderConfig, index: DatasetIndex, plan: EpochPlan, rank: int, workers: int,
-                 slot_states: dict[int, SlotState], rotation: int, epoch: "multiprocessing.sharedctypes.Synchronized | None" = None):
+                 slot_states: dict[int, SlotState], rotation: int, epoch=None):
         self.config, self.index, self.plan = config, index, plan
         self.rank, self.workers = rank, workers
         self.slot_states, self.rotation = slot_states, rotation
         # Persistent workers keep this object from epoch to epoch: the main process announces each
-        # new (fresh) epoch through shared memory, and the worker makes that epoch's plan itself.
+        # new (fresh) epoch through shared memory (``epoch``, a ctypes int64 made before the fork),
+        # and the worker makes that epoch's plan itself.
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[tuple["_PackedBatch", int, SlotState]]:
