@@ -272,9 +272,12 @@ def test_reader_streams_the_same_samples_from_s3(tmp_path, s3_server, s3_bucket)
     local = write_toy_shards(str(tmp_path), counts)
     remote = write_toy_shards(s3_bucket, counts, storage_options=s3_server.storage_options())
     settings = dict(batch_size=2, target_views=2, context_views_max=2, num_workers=2, seed=11, drop_last=False)
-    from_disk = [fingerprint(b) for b in StreamingReader(ReaderConfig(local, **settings))]
-    from_s3 = [fingerprint(b) for b in StreamingReader(ReaderConfig(remote, storage_options=s3_server.storage_options(), **settings))]
-    assert from_s3 == from_disk and len(from_disk) > 0
+    disk_reader = StreamingReader(ReaderConfig(local, **settings))
+    s3_reader = StreamingReader(ReaderConfig(remote, storage_options=s3_server.storage_options(), **settings))
+    # two epochs: the second is read by the same (persistent) workers, through their open S3 sessions
+    from_disk = [[fingerprint(b) for b in disk_reader] for _ in range(2)]
+    from_s3 = [[fingerprint(b) for b in s3_reader] for _ in range(2)]
+    assert from_s3 == from_disk and len(from_disk[0]) > 0 and from_disk[0] != from_disk[1]
 
 
 def test_s3_wrong_credentials_give_a_clear_error(s3_server, s3_bucket):
