@@ -46,6 +46,7 @@ import multiprocessing
 import os
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -501,7 +502,10 @@ def main() -> None:
                     if source == "s3":
                         spec["storage_options"] = remote["options"]
                         spec["env"] = {**remote["env"], "S3_ENDPOINT_URL": remote["options"]["endpoint_url"]}
+                    cache = spec.get("cache")
                     readers[name].setdefault(source, {})[f"w{workers}"] = run_child(spec, timeout=600)
+                    if cache:  # MosaicML's and litdata's local copies of the chunks
+                        shutil.rmtree(cache, ignore_errors=True)
     finally:
         if server is not None:
             server.stop()
