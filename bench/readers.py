@@ -46,6 +46,7 @@ import multiprocessing
 import os
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -211,14 +212,29 @@ def _torchvision_placeholder() -> None:
         sys.modules["torchvision.transforms.functional"].to_tensor = None
 
 
-def _peak_rss_mb() -> float:
-    """This process's peak RSS since exec (VmHWM). Not ru_maxrss: Linux carries that over from
+def _peak_rss_mb(pid: int | str = "self") -> float:
+    """A process's peak RSS since exec (VmHWM). Not ru_maxrss: Linux carries that over from
     the forking parent across exec, so every child would report the driver's peak."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except FileNotFoundError:  # a child that has just exited
+        return 0.0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _child_pids() -> list[int]:
+    """The live child processes of this process (loader workers)."""
+    pids = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/children") as f:
+                pids += [int(pid) for pid in f.read().split()]
+        except FileNotFoundError:
+            pass
+    return pids
 
 
 def measure(spec: dict) -> dict:
@@ -253,7 +269,9 @@ def measure(spec: dict) -> dict:
             # Peak memory of the reader alone: after the warm-up epoch, before the ceiling's data.
             peak_rss = _peak_rss_mb()
             # workers: the largest one, counting the pages it shares with the main process (as top does)
-            peak_worker_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+            # (finished loader workers, as getrusage counts them; persistent workers are still alive)
+            peak_worker_rss = max([resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024]
+                                  + [_peak_rss_mb(pid) for pid in _child_pids()])
             # Machine load drifts while children run one after another, so each child also times
             # the in-memory ceiling right after each of its epochs: the paired ratio is robust to it.
             objects_in_memory = load_objects(spec["tar_local"])
@@ -459,9 +477,12 @@ def main() -> None:
             from data_pipeline import storage
 
             fs, _ = storage.filesystem(bucket, options)
-            fs.put(shards, "bench-readers/tar", recursive=True)
-            for name, path in formats.items():
-                fs.put(path, f"bench-readers/{name}", recursive=True)
+            # File by file: a retried recursive put (the server slow to answer) copied the folder
+            # *into* the half-made destination, one level too deep.
+            for source, target in [(shards, "tar"), *((path, name) for name, path in formats.items())]:
+                for file in sorted(os.listdir(source)):
+                    if os.path.isfile(os.path.join(source, file)):
+                        fs.put_file(os.path.join(source, file), f"bench-readers/{target}/{file}")
             remote = {"options": options, "bucket": bucket, "env": server.env()}
         for source in args.sources:
             for name, ok in available.items():
@@ -481,7 +502,10 @@ def main() -> None:
                     if source == "s3":
                         spec["storage_options"] = remote["options"]
                         spec["env"] = {**remote["env"], "S3_ENDPOINT_URL": remote["options"]["endpoint_url"]}
+                    cache = spec.get("cache")
                     readers[name].setdefault(source, {})[f"w{workers}"] = run_child(spec, timeout=600)
+                    if cache:  # MosaicML's and litdata's local copies of the chunks
+                        shutil.rmtree(cache, ignore_errors=True)
     finally:
         if server is not None:
             server.stop()

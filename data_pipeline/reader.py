@@ -13,7 +13,8 @@ ranged read per shard piece (in parallel on object stores), the next block read 
 thread — parsing only tar headers up front; a sample's metadata (orjson) and the arrays of its
 chosen views are built only when it is used. It picks the context and target views of each
 object from a seeded RNG, decodes only those views, checks their cameras once per batch, and
-yields whole batches. Unreadable samples are skipped, counted by reason and shard, and replaced
+yields whole batches. Loader workers persist from epoch to epoch (ReaderConfig.persistent_workers).
+Unreadable samples are skipped, counted by reason and shard, and replaced
 by reading on (epoch_plan.py: quota from elsewhere). Each batch carries the worker's cursor, so
 the main process knows exactly what has been consumed (prefetched but unconsumed batches do not
 count) and can save it.
@@ -21,8 +22,12 @@ count) and can save it.
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import hashlib
 import logging
+import math
+import multiprocessing
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -83,6 +88,10 @@ class ReaderSettings:
         "fsspec options (endpoint_url, key, secret, ...); null or {} = the environment (AWS_* variables)"))
     warn_every_s: float = Field(30.0, ge=0, description="rate limit (seconds) of warnings about skipped samples (0: every one)")
     prefetch_batches: int = Field(2, ge=1, description="batches each worker prepares ahead")
+    persistent_workers: bool = Field(True, description=(
+        "keep the loader workers (and their open S3 sessions, read-ahead threads) from one epoch to the next "
+        "instead of forking new ones per epoch; an epoch continued mid-way (resume) gets a loader of its own; "
+        "ignored with num_workers=0"))
 
     @property
     def piece_size(self) -> int:
@@ -275,14 +284,26 @@ class _SlotStream(torch.utils.data.IterableDataset):
     """Runs inside a DataLoader worker (or the main process) and yields the batches of one slot."""
 
     def __init__(self, config: ReaderConfig, index: DatasetIndex, plan: EpochPlan, rank: int, workers: int,
-                 slot_states: dict[int, SlotState], rotation: int):
+                 slot_states: dict[int, SlotState], rotation: int, epoch=None):
         self.config, self.index, self.plan = config, index, plan
         self.rank, self.workers = rank, workers
         self.slot_states, self.rotation = slot_states, rotation
+        # Persistent workers keep this object from epoch to epoch: the main process announces each
+        # new (fresh) epoch through shared memory (``epoch``, a ctypes int64 made before the fork),
+        # and the worker makes that epoch's plan itself.
+        self.epoch = epoch
 
     def __iter__(self) -> Iterator[tuple["_PackedBatch", int, SlotState]]:
+        if self.epoch is not None and self.epoch.value != self.plan.epoch:
+            self.plan = dataclasses.replace(self.plan, epoch=self.epoch.value)
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
+        if info is not None and not getattr(self, "_frozen", False):
+            # A forked worker inherits the parent's whole heap (torch's modules: ~10^5 objects).
+            # Frozen, the collections that each block's metadata triggers skip it, and the pages stay
+            # shared with the parent instead of being copied when the collector touches them.
+            gc.freeze()
+            self._frozen = True
         logical = (worker + self.rotation) % self.workers
         slot = self.rank * self.workers + logical
         state = self.slot_states.get(slot) or SlotState()
@@ -363,7 +384,7 @@ class _SlotStream(torch.utils.data.IterableDataset):
                 if mine:
                     self._count_skip(state, item, warn)
             state.batches += 1
-            yield _collate(pending), slot, SlotState.from_dict(state.to_dict())
+            yield _collate(pending, k), slot, SlotState.from_dict(state.to_dict())
 
     def _count_skip(self, state: SlotState, error: Exception, warn: _RateLimitedWarning) -> None:
         reason = getattr(error, "reason", None) or type(error).__name__
@@ -441,21 +462,19 @@ class _SlotStream(torch.utils.data.IterableDataset):
                 self._box_fit = BoxFitWarner(config.box_half_size)
             self._box_fit(SimpleNamespace(object_id=object_id, extra=meta.get("extra") or {}, intrinsics=K, c2w=c2w,
                                           width=width, height=height))
-        rgb = []
-        for view, name, mask_name in zip(chosen, names, mask_names):
+        rgb = np.empty((len(chosen), height, width, 4 if config.masks else 3), dtype=np.uint8)  # filled view by view
+        for j, (view, name, mask_name) in enumerate(zip(chosen, names, mask_names)):
             span = members.get(name)
             if span is None:
                 raise _tag(SampleError(f"sample {key!r}: view file {key}.{name} is missing from the shard"), "bad sample", raw.url)
             try:
-                image = decode_image(span_bytes(raw.buffer, span), width, height, where=f"{object_id} view {int(view)}")
+                rgb[j, ..., :3] = decode_image(span_bytes(raw.buffer, span), width, height, where=f"{object_id} view {int(view)}")
                 if config.masks:  # the mask travels as a 4th channel until _collate splits it off
                     mask_span = members.get(mask_name) if mask_name else None
                     if mask_span is None:
                         raise _tag(SampleError(f"object {object_id} has no mask for view {int(view)} (ReaderConfig.masks "
                                                f"is set)"), "no masks", raw.url)
-                    mask = decode_mask(span_bytes(raw.buffer, mask_span), width, height, where=f"{object_id} mask {int(view)}")
-                    image = np.concatenate([image, mask[..., None]], axis=-1)
-                rgb.append(image)
+                    rgb[j, ..., 3] = decode_mask(span_bytes(raw.buffer, mask_span), width, height, where=f"{object_id} mask {int(view)}")
             except SampleError as error:
                 if getattr(error, "reason", None):
                     raise
@@ -463,14 +482,11 @@ class _SlotStream(torch.utils.data.IterableDataset):
         if config.resolution is not None and config.resolution != width:
             out_w = config.resolution
             out_h = max(1, round(height * out_w / width))
-            rgb = [_resize(im, out_w, out_h) for im in rgb]
+            rgb = np.stack([_resize(im, out_w, out_h) for im in rgb])
             K = K.copy()  # scale_intrinsics, for a stack of cameras
             K[:, 0, :] *= out_w / width
             K[:, 1, :] *= out_h / height
-        images = np.stack(rgb) if rgb else None
-        return _LoadedObject(object_id, background, chosen[:k], chosen[k:],
-                             images[:k] if k else None, K[:k], c2w[:k],
-                             images[k:] if len(chosen) > k else None, K[k:], c2w[k:])
+        return _LoadedObject(object_id, background, chosen, rgb, K, c2w)
 
 
 def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -485,20 +501,16 @@ def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
 
 def _bad_cameras(items: list["_LoadedObject"]) -> list[int]:
     """Indices of the objects whose chosen cameras are invalid (one vectorised check for the batch)."""
-    K = np.concatenate([np.concatenate([item.context_K, item.target_K]) for item in items])
-    c2w = np.concatenate([np.concatenate([item.context_c2w, item.target_c2w]) for item in items])
     try:
-        check_cameras(K, c2w, where="batch")
+        check_cameras(np.concatenate([item.K for item in items]), np.concatenate([item.c2w for item in items]), where="batch")
         return []
     except CameraError:
         return [i for i, item in enumerate(items) if _bad_camera_error(item) is not None]
 
 
 def _bad_camera_error(item: "_LoadedObject") -> SampleError | None:
-    views = np.concatenate([item.context_views, item.target_views])
     try:
-        check_cameras(np.concatenate([item.context_K, item.target_K]), np.concatenate([item.context_c2w, item.target_c2w]),
-                      where=f"object {item.object_id} views {views.tolist()}")
+        check_cameras(item.K, item.c2w, where=f"object {item.object_id} views {item.views.tolist()}")
         return None
     except CameraError as error:
         return SampleError(str(error))
@@ -530,19 +542,14 @@ def _parse_meta(key: str, raw: RawRange, members: dict[str, int]) -> dict:
 class _LoadedObject:
     object_id: str
     background: tuple[float, float, float]
-    context_views: np.ndarray
-    target_views: np.ndarray
-    context_rgb: np.ndarray | None  # (k, H, W, 3) uint8
-    context_K: np.ndarray
-    context_c2w: np.ndarray
-    target_rgb: np.ndarray | None
-    target_K: np.ndarray
-    target_c2w: np.ndarray
+    views: np.ndarray  # (k + m,) int64: the stored views chosen, context views first
+    images: np.ndarray  # (k + m, H, W, 3 or 4) uint8 (4: RGB + mask, with ReaderConfig.masks)
+    K: np.ndarray  # (k + m, 3, 3) float64
+    c2w: np.ndarray  # (k + m, 4, 4) float64
 
     @property
     def image_shape(self) -> tuple[int, int]:
-        rgb = self.context_rgb if self.context_rgb is not None else self.target_rgb
-        return rgb.shape[1:3]
+        return self.images.shape[1:3]
 
 
 @dataclass
@@ -561,7 +568,7 @@ class _PackedBatch:
     def unpack(self) -> ViewBatch:
         fields, start = {}, 0
         for name, shape in self.layout:
-            size = int(np.prod(shape))
+            size = math.prod(shape)
             fields[name] = self.buffer[start:start + size].view(shape)
             start += size
         for name in ("context_view_indices", "target_view_indices"):
@@ -569,12 +576,17 @@ class _PackedBatch:
         return ViewBatch(object_ids=self.object_ids, **fields)
 
 
-def _collate(items: list[_LoadedObject]) -> _PackedBatch:
+def _collate(items: list[_LoadedObject], k: int) -> _PackedBatch:
+    """The batch's objects into one float32 buffer (see _PackedBatch), each field in one vectorised copy."""
     count = len(items)
-    height, width = items[0].image_shape
-    k, m = len(items[0].context_views), len(items[0].target_views)
-    rgb = items[0].context_rgb if k else items[0].target_rgb
-    masks = rgb.shape[-1] == 4  # ReaderConfig.masks: RGB + mask channels
+    views, height, width, channels = items[0].images.shape
+    images = np.empty((count, views, height, width, channels), dtype=np.uint8)  # (np.stack costs more, in Python)
+    K, c2w = np.empty((count, views, 3, 3)), np.empty((count, views, 4, 4))
+    chosen = np.empty((count, views), dtype=np.int64)
+    for i, item in enumerate(items):
+        images[i], K[i], c2w[i], chosen[i] = item.images, item.K, item.c2w, item.views
+    m = views - k
+    masks = channels == 4  # ReaderConfig.masks: RGB + mask channels
     layout = [
         ("context_images", (count, k, 3, height, width)), ("target_images", (count, m, 3, height, width)),
         *([("context_masks", (count, k, 1, height, width)), ("target_masks", (count, m, 1, height, width))] if masks else []),
@@ -582,26 +594,24 @@ def _collate(items: list[_LoadedObject]) -> _PackedBatch:
         ("target_K", (count, m, 3, 3)), ("target_c2w", (count, m, 4, 4)),
         ("background", (count, 3)), ("context_view_indices", (count, k)), ("target_view_indices", (count, m)),
     ]
-    buffer = np.empty(sum(int(np.prod(shape)) for _, shape in layout), dtype=np.float32)
+    sizes = [math.prod(shape) for _, shape in layout]
+    buffer = np.empty(sum(sizes), dtype=np.float32)
     parts, start = {}, 0
-    for name, shape in layout:
-        size = int(np.prod(shape))
+    for (name, shape), size in zip(layout, sizes):
         parts[name] = buffer[start:start + size].reshape(shape)
         start += size
+    # uint8 BVHWC -> float32 BVCHW in [0, 1], one pass per field
+    chw = images.transpose(0, 1, 4, 2, 3)
     scale = np.float32(255.0)
-    for i, item in enumerate(items):  # uint8 HWC -> float32 CHW in [0, 1], in one pass
-        if k:
-            np.divide(item.context_rgb[..., :3].transpose(0, 3, 1, 2), scale, out=parts["context_images"][i])
-        if m:
-            np.divide(item.target_rgb[..., :3].transpose(0, 3, 1, 2), scale, out=parts["target_images"][i])
-        if masks and k:
-            np.divide(item.context_rgb[..., 3:].transpose(0, 3, 1, 2), scale, out=parts["context_masks"][i])
-        if masks and m:
-            np.divide(item.target_rgb[..., 3:].transpose(0, 3, 1, 2), scale, out=parts["target_masks"][i])
-        parts["context_K"][i], parts["context_c2w"][i] = item.context_K, item.context_c2w
-        parts["target_K"][i], parts["target_c2w"][i] = item.target_K, item.target_c2w
-        parts["background"][i] = item.background
-        parts["context_view_indices"][i], parts["target_view_indices"][i] = item.context_views, item.target_views
+    np.divide(chw[:, :k, :3], scale, out=parts["context_images"])
+    np.divide(chw[:, k:, :3], scale, out=parts["target_images"])
+    if masks:
+        np.divide(chw[:, :k, 3:], scale, out=parts["context_masks"])
+        np.divide(chw[:, k:, 3:], scale, out=parts["target_masks"])
+    parts["context_K"][...], parts["target_K"][...] = K[:, :k], K[:, k:]
+    parts["context_c2w"][...], parts["target_c2w"][...] = c2w[:, :k], c2w[:, k:]
+    parts["context_view_indices"][...], parts["target_view_indices"][...] = chosen[:, :k], chosen[:, k:]
+    parts["background"][...] = [item.background for item in items]
     return _PackedBatch(torch.from_numpy(buffer), layout, [item.object_id for item in items])
 
 
@@ -629,6 +639,7 @@ class StreamingReader:
         self._subset: tuple[int, ...] | None = None
         self._slot_states: dict[int, SlotState] = {}
         self._finished_skips = SkipStats()  # from completed epochs
+        self._persistent = None  # (shared epoch, stream, loader) of the persistent workers, once made
 
     # -- the plan --------------------------------------------------------------------------
     def _plan(self, epoch: int | None = None, subset=None) -> EpochPlan:
@@ -675,12 +686,12 @@ class StreamingReader:
         # A DataLoader hands out batches round-robin from worker 0. After a resume at batch n the
         # next batch belongs to logical worker n % workers, so the new workers are rotated.
         rotation = self.batches_consumed % self.workers
-        stream = _SlotStream(self.config, self.index, plan, self.rank, self.workers, dict(self._slot_states), rotation)
-        loader = torch.utils.data.DataLoader(
-            stream, batch_size=None, num_workers=self.config.num_workers,
-            prefetch_factor=self.config.prefetch_batches if self.config.num_workers else None,
-            multiprocessing_context="fork" if self.config.num_workers and os.name == "posix" else None,
-        )
+        fresh = self.batches_consumed == 0 and not self._slot_states and self._subset is None
+        if fresh and self.config.num_workers and self.config.persistent_workers:
+            loader = self._persistent_loader(plan)
+        else:  # an epoch continued mid-way: its own loader, with the saved slot states
+            loader = self._loader(_SlotStream(self.config, self.index, plan, self.rank, self.workers,
+                                              dict(self._slot_states), rotation), persistent=False)
         for packed, slot, state in loader:
             self._slot_states[slot] = state
             self.batches_consumed += 1
@@ -688,6 +699,26 @@ class StreamingReader:
         if self.batches_consumed != total:
             raise RuntimeError(f"internal: rank {self.rank} produced {self.batches_consumed} of {total} batches")
         self._finish_epoch()
+
+    def _loader(self, stream: _SlotStream, persistent: bool) -> torch.utils.data.DataLoader:
+        workers = self.config.num_workers
+        return torch.utils.data.DataLoader(
+            stream, batch_size=None, num_workers=workers, persistent_workers=persistent and workers > 0,
+            prefetch_factor=self.config.prefetch_batches if workers else None,
+            multiprocessing_context="fork" if workers and os.name == "posix" else None,
+        )
+
+    def _persistent_loader(self, plan: EpochPlan) -> torch.utils.data.DataLoader:
+        """The loader whose workers live from one fresh epoch to the next (made on first use)."""
+        if self._persistent is None:
+            epoch = multiprocessing.get_context("fork").Value("q", plan.epoch, lock=False)
+            stream = _SlotStream(self.config, self.index, plan, self.rank, self.workers, {}, 0, epoch)
+            self._persistent = (epoch, stream, self._loader(stream, persistent=True))
+        epoch, stream, loader = self._persistent
+        if dataclasses.replace(plan, epoch=stream.plan.epoch) != stream.plan:
+            raise RuntimeError("internal: the persistent loader's plan differs from this epoch's in more than the epoch")
+        epoch.value = plan.epoch  # read by each worker when the loader starts its next pass
+        return loader
 
     def _finish_epoch(self) -> None:
         for state in self._slot_states.values():
@@ -720,9 +751,15 @@ class StreamingReader:
         states = state if isinstance(state, list) else [state]
         first = states[0]
         if first.get("version") != STATE_VERSION:
-            raise ValueError(f"reader state version {first.get('version')!r} is not supported (expected {STATE_VERSION}; "
-                             f"version 1 states come from the reader before shard pieces: call set_epoch() to start "
-                             f"the next epoch fresh)")
+            saved, epoch = first.get("version"), first.get("epoch")
+            why = ("it was saved by the reader before shard pieces (ReaderConfig.piece_objects), whose epoch order "
+                   "is different, so its position in the epoch cannot be carried over" if saved == 1 else
+                   "this reader does not know that version")
+            raise ValueError(
+                f"cannot resume the reader from a state of version {saved!r} (this reader writes and reads version "
+                f"{STATE_VERSION}): {why}. Either continue with the code that saved it, or start the data afresh at "
+                f"the next epoch: StreamingReader.set_epoch({'saved epoch + 1' if epoch is None else epoch + 1}) "
+                f"instead of load_state_dict (model and optimizer state are unaffected)")
         for name, mine in (("fingerprint", self.index.fingerprint()), ("seed", self.config.seed),
                            ("batch_size", self.config.batch_size), ("shuffle", self.config.shuffle),
                            ("drop_last", self.config.drop_last), ("block_size", self.config.shuffle_block_objects),

@@ -233,6 +233,20 @@ def encode_mask(mask: np.ndarray) -> bytes:
 def decode_mask(data: bytes, width: int | None = None, height: int | None = None, where: str = "mask") -> np.ndarray:
     """Decode an 8-bit grey mask to (H, W) uint8, checking mode and size; raises :class:`SampleError`."""
     try:
+        mask = image_io.decode_png_8bit(data, where)  # the common case, fast; None for other files
+        if mask is not None and mask.ndim != 2:
+            raise SampleError(f"{where}: a mask must be 8-bit grey (PIL mode L), got mode RGB")
+    except image_io.ImageFileError as error:
+        raise SampleError(f"{where}: cannot decode ({error})") from None
+    if mask is None:
+        mask = _decode_mask_pillow(data, where)
+    if width is not None and height is not None and mask.shape != (height, width):
+        raise SampleError(f"{where}: decoded size {mask.shape[1]}x{mask.shape[0]} differs from declared {width}x{height}")
+    return mask
+
+
+def _decode_mask_pillow(data: bytes, where: str) -> np.ndarray:
+    try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             if image.mode != "L":
@@ -242,15 +256,17 @@ def decode_mask(data: bytes, width: int | None = None, height: int | None = None
         raise
     except Exception as error:
         raise SampleError(f"{where}: cannot decode ({type(error).__name__}: {error})") from None
-    if width is not None and height is not None and mask.shape != (height, width):
-        raise SampleError(f"{where}: decoded size {mask.shape[1]}x{mask.shape[0]} differs from declared {width}x{height}")
     return mask
 
 
 def decode_image(data: bytes, width: int | None = None, height: int | None = None, where: str = "image") -> np.ndarray:
     """Decode to (H, W, 3) uint8, checking the declared size; raises :class:`SampleError`."""
-    try:  # any Pillow mode, 16-bit grayscale scaled rather than clipped (see image_io); alpha dropped
-        rgb = image_io.to_rgb_uint8(image_io.open_image(data), background=None)
+    try:
+        rgb = image_io.decode_png_8bit(data, where)  # the common case, fast; None for other files
+        if rgb is not None and rgb.ndim == 2:  # 8-bit grey, as Pillow's path converts it
+            rgb = np.repeat(rgb[..., None], 3, axis=-1)
+        if rgb is None:  # any Pillow mode, 16-bit grayscale scaled rather than clipped (see image_io); alpha dropped
+            rgb = image_io.to_rgb_uint8(image_io.open_image(data), background=None)
     except image_io.ImageFileError as error:
         raise SampleError(f"{where}: cannot decode ({error})") from None
     if width is not None and height is not None and rgb.shape[:2] != (height, width):

@@ -153,3 +153,38 @@ def test_open_image_names_the_file(tmp_path, payload):
     path.write_bytes(payload)
     with pytest.raises(image_io.ImageFileError, match=str(path)):
         image_io.open_image(path)
+
+
+def test_fast_png_path_matches_pillow_and_refuses_corrupt_data():
+    """decode_image/decode_mask take 8-bit RGB and grey PNGs through libspng (pyspng); the pixels must be
+    Pillow's, and damage that libspng alone would decode into wrong pixels (it ignores CRCs) is refused."""
+    import io
+
+    from data_pipeline.schema import SampleError, decode_mask
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (12, 17, 3), dtype=np.uint8)
+    grey = rng.integers(0, 256, (12, 17), dtype=np.uint8)
+
+    def png(array, **options) -> bytes:
+        out = io.BytesIO()
+        Image.fromarray(array).save(out, format="PNG", **options)
+        return out.getvalue()
+
+    cases = {"rgb": png(rgb), "rgb optimised": png(rgb, optimize=True),
+             "rgb + tRNS": png(rgb, transparency=(1, 2, 3)), "grey": png(grey), "grey + tRNS": png(grey, transparency=7)}
+    for name, data in cases.items():
+        assert image_io.decode_png_8bit(data) is not None, name  # the fast path is taken
+        with Image.open(io.BytesIO(data)) as image:
+            expected = image_io.to_rgb_uint8(image, background=None)
+        np.testing.assert_array_equal(decode_image(data, 17, 12), expected, err_msg=name)
+    np.testing.assert_array_equal(decode_mask(cases["grey"], 17, 12), grey)
+    with pytest.raises(SampleError, match="must be 8-bit grey"):
+        decode_mask(cases["rgb"])
+    data = cases["rgb"]
+    idat = data.index(b"IDAT")
+    flipped = data[:idat + 20] + bytes([data[idat + 20] ^ 1]) + data[idat + 21:]
+    with pytest.raises(SampleError, match="fails its CRC"):
+        decode_image(flipped, where="obj view 3")
+    with pytest.raises(SampleError, match="truncated PNG"):
+        decode_image(data[:idat + 40], where="obj view 3")

@@ -272,9 +272,12 @@ def test_reader_streams_the_same_samples_from_s3(tmp_path, s3_server, s3_bucket)
     local = write_toy_shards(str(tmp_path), counts)
     remote = write_toy_shards(s3_bucket, counts, storage_options=s3_server.storage_options())
     settings = dict(batch_size=2, target_views=2, context_views_max=2, num_workers=2, seed=11, drop_last=False)
-    from_disk = [fingerprint(b) for b in StreamingReader(ReaderConfig(local, **settings))]
-    from_s3 = [fingerprint(b) for b in StreamingReader(ReaderConfig(remote, storage_options=s3_server.storage_options(), **settings))]
-    assert from_s3 == from_disk and len(from_disk) > 0
+    disk_reader = StreamingReader(ReaderConfig(local, **settings))
+    s3_reader = StreamingReader(ReaderConfig(remote, storage_options=s3_server.storage_options(), **settings))
+    # two epochs: the second is read by the same (persistent) workers, through their open S3 sessions
+    from_disk = [[fingerprint(b) for b in disk_reader] for _ in range(2)]
+    from_s3 = [[fingerprint(b) for b in s3_reader] for _ in range(2)]
+    assert from_s3 == from_disk and len(from_disk[0]) > 0 and from_disk[0] != from_disk[1]
 
 
 def test_s3_wrong_credentials_give_a_clear_error(s3_server, s3_bucket):
@@ -386,3 +389,40 @@ def test_batches_mix_shards_written_one_category_each(tmp_path, ranks, workers):
     ordered = StreamingReader(ReaderConfig(pattern, batch_size=8, context_views_max=0, target_views=1, num_workers=0,
                                            shuffle=False))
     assert set(distinct_shards_per_batch(list(ordered), per_shard)) == {1}
+
+
+def test_persistent_workers_serve_every_epoch_like_fresh_ones(tmp_path):
+    """With persistent workers (the default) the same loader processes read epoch after epoch, and
+    every epoch is the one fresh workers would read; a mid-epoch resume in between gets its own
+    loader, and the epoch after it is served by the persistent workers again."""
+    pattern = write_toy_shards(str(tmp_path), [6, 9, 5, 8])
+    settings = dict(urls=pattern, batch_size=2, context_views_min=0, context_views_max=2, target_views=1,
+                    num_workers=2, seed=5, shuffle_block_objects=4)
+    fresh = StreamingReader(ReaderConfig(**settings, persistent_workers=False))
+    expected = [[fingerprint(b) for b in fresh] for _ in range(4)]
+    reader = StreamingReader(ReaderConfig(**settings))
+    got, pids = [], []
+    for epoch in range(4):
+        if epoch == 2:  # stop after 3 batches, resume the same epoch from the saved state
+            head = []
+            for batch in reader:
+                head.append(fingerprint(batch))
+                if len(head) == 3:
+                    break
+            state = reader.state_dict()
+            reader.load_state_dict(json.loads(json.dumps(state)))
+            got.append(head + [fingerprint(b) for b in reader])
+        else:
+            got.append([fingerprint(b) for b in reader])
+        pids.append(sorted(w.pid for w in reader._persistent[2]._iterator._workers))
+    assert got == expected
+    assert expected[0] != expected[1]  # epochs differ: the workers did take up the new epoch
+    assert pids[0] == pids[1] == pids[3]  # the same worker processes in every fresh epoch
+
+
+def test_state_of_an_older_version_is_refused_with_the_way_out(tmp_path):
+    pattern = write_toy_shards(str(tmp_path), [6])
+    reader = StreamingReader(ReaderConfig(pattern, batch_size=2, context_views_max=1, num_workers=0))
+    old = {**reader.state_dict(), "version": 1, "epoch": 3}
+    with pytest.raises(ValueError, match=r"version 1 .*before shard pieces.*set_epoch\(4\)"):
+        reader.load_state_dict(old)
