@@ -1,1 +1,1 @@
-"""Launchers: local, SLURM, Ray (built in later issues)."""
+"""Launchers: local ranks (torchrun elastic agent), SLURM (submitit), Ray Train; cluster/ holds the development clusters."""

@@ -1,1 +1,1 @@
-"""DeepSpeed trainer (built in a later issue)."""
+"""The DeepSpeed trainer: typed run config, engine, the Trainer loop, checkpoints, logging (see README, Training)."""
