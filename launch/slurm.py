@@ -109,7 +109,10 @@ class TrainJob:
             return os.path.abspath(Trainer(load_config(config_file, overrides)).fit())
         finally:
             # The loader workers block SIGTERM (below), and multiprocessing's exit handler ends the
-            # workers still alive with SIGTERM and then waits for them: end them here instead.
+            # workers still alive (persistent ones are, after the last epoch) with SIGTERM and then
+            # waits for them: end them here instead, first taking back SIGCHLD from torch's loader
+            # handler, which would raise "DataLoader worker is killed" for the workers killed here.
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             for child in multiprocessing.active_children():
                 child.kill()
                 child.join(timeout=10)
