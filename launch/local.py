@@ -39,8 +39,8 @@ sys.path.insert(0, ROOT)
 
 from data_pipeline import preflight, storage  # noqa: E402
 from launch.local_rank import LAUNCHER_PID  # noqa: E402
-from launch.paths import absolute, describe, resolved_overrides  # noqa: E402
-from trainer.config import ConfigError, check_runnable, config_help, load_config  # noqa: E402
+from launch.paths import absolute, describe, load_resolved  # noqa: E402
+from trainer.config import ConfigError, check_runnable, config_help  # noqa: E402
 from trainer.run_lock import RunLockedError, check_free  # noqa: E402
 
 EMBEDDED_DATA = "data/synthetic"
@@ -126,12 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error("--nproc must be >= 1")
     if args.max_restarts < 0:
         build_parser().error("--max-restarts must be >= 0")
-    config_file = absolute(args.config) if args.config else None
     overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
     try:
-        config = load_config(config_file, overrides)  # fails here, once, on a bad config
-        overrides += resolved_overrides(config)  # relative paths: against this directory, not the ranks'
-        config = load_config(config_file, overrides)
+        # Fails here, once, on a bad config; relative paths: against this directory, not the ranks'.
+        config_file, overrides, config = load_resolved(args.config, overrides)
         check_runnable(config)  # what this machine cannot run (train.device=cuda without CUDA, fp16 on CPU)
         print(describe(config), file=sys.stderr)
         ensure_embedded_data(config.data.train_urls)

@@ -1,7 +1,7 @@
 """Paths mean what the user typed: every relative path of a run config, resolved once against the
 directory the launcher was started from, before any process that may run elsewhere sees it.
 
-    overrides += resolved_overrides(config)      # run_dir=/abs/runs/x data.train_urls=/abs/... ...
+    config_file, overrides, config = load_resolved(args.config, overrides)   # every path absolute
     print(describe(config))                       # the paths actually used
 """
 
@@ -44,3 +44,18 @@ def describe(config) -> str:
     """One ``field: value`` line per path the run will use."""
     return "\n".join(f"{field}: {field_value(config, field)}" for field in PATH_FIELDS
                      if field_value(config, field) not in (None, ""))
+
+
+def load_resolved(config_file: str | None, overrides: list[str]):
+    """Load the run config with every relative path resolved against this directory.
+
+    Returns ``(config_file, overrides, config)``: the config file's absolute path, the overrides
+    followed by ``resolved_overrides`` (what to pass to processes that may run elsewhere), and the
+    config they give. It loads twice: the first load (which refuses a bad config) names the paths,
+    the second checks the config with them replaced."""
+    from trainer.config import load_config
+
+    config_file = absolute(config_file) if config_file else None
+    config = load_config(config_file, overrides)
+    overrides = list(overrides) + resolved_overrides(config)
+    return config_file, overrides, load_config(config_file, overrides)

@@ -43,8 +43,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from data_pipeline import storage  # noqa: E402
-from launch.paths import absolute, describe, resolved_overrides  # noqa: E402
-from trainer.config import RunConfig, config_help, load_config, to_dict  # noqa: E402
+from launch.paths import describe, load_resolved  # noqa: E402
+from trainer.config import RunConfig, config_help, to_dict  # noqa: E402
 from trainer.trainer import TrainHooks  # noqa: E402
 
 CHECKPOINT_SUBDIR = "goembed_checkpoints"
@@ -86,10 +86,8 @@ def job_config(args: argparse.Namespace) -> RunConfig:
         overrides.append(f"checkpoint.dir={storage.join(base, CHECKPOINT_SUBDIR)}")
     if storage.is_local(base) and not any(o.startswith("run_dir=") for o in overrides):
         overrides.append(f"run_dir={os.path.join(base, RUN_SUBDIR)}")
-    config_file = absolute(args.config) if args.config else None
-    config = load_config(config_file, overrides)
     # Workers run in Ray's copy of the working directory: relative paths mean the driver's directory.
-    return load_config(config_file, overrides + resolved_overrides(config))
+    return load_resolved(args.config, overrides)[2]
 
 
 # -- inside each Ray worker ------------------------------------------------------------------------

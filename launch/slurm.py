@@ -335,15 +335,11 @@ def main(argv: list | None = None) -> int:
         parser.error("--nodes and --tasks-per-node must be >= 1, --max-requeues >= 0")
     if args.local and args.nodes != 1:
         parser.error("--local runs on this machine: use --nodes 1 and --tasks-per-node N")
-    from trainer.config import load_config
+    from launch.paths import describe, load_resolved
 
-    from launch.paths import absolute, describe, resolved_overrides
-
-    config_file = absolute(args.config) if args.config else None
     overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
-    config = load_config(config_file, overrides)  # fails here, once, on a bad config
-    overrides += resolved_overrides(config)  # relative paths: against this directory, on every node
-    config = load_config(config_file, overrides)
+    # Fails here, once, on a bad config; relative paths: against this directory, on every node.
+    config_file, overrides, config = load_resolved(args.config, overrides)
     run_dir = config.run_dir
     trainer_argv = (["--config", config_file] if config_file else []) + overrides
     print(describe(config), file=sys.stderr)
