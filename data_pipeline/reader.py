@@ -10,7 +10,7 @@
 How the epoch is split, shuffled and mixed is in epoch_plan.py. This module reads and decodes:
 each DataLoader worker plays one *slot* of the plan and reads it block by block — one exact
 ranged read per shard piece (in parallel on object stores), the next block read ahead by a
-thread — parsing only tar headers up front; a sample's metadata (orjson) and the arrays of its
+thread — parsing only tar headers up front; a sample's metadata (simdjson, meta_view.py) and the arrays of its
 chosen views are built only when it is used. It picks the context and target views of each
 object from a seeded RNG, decodes only those views, checks their cameras once per batch, and
 yields whole batches. Loader workers persist from epoch to epoch (ReaderConfig.persistent_workers).
@@ -36,7 +36,6 @@ from types import SimpleNamespace
 from typing import Annotated, Any, Iterator
 
 import numpy as np
-import orjson
 import pydantic
 import pydantic.dataclasses
 import torch
@@ -47,8 +46,9 @@ from data_pipeline import storage
 from data_pipeline.box_fit import BoxFitWarner
 from data_pipeline.cameras import CameraError, check_cameras
 from data_pipeline.epoch_plan import EpochPlan, remaining_positions
-from data_pipeline.schema import META_SUFFIX, SCHEMA_VERSION, SampleError, decode_image, decode_mask
-from data_pipeline.shards import RawRange, ShardIndex, load_or_build_index, read_raw_range, span_bytes
+from data_pipeline.meta_view import MetaError, MetaReader
+from data_pipeline.schema import META_SUFFIX, SampleError, decode_image, decode_mask
+from data_pipeline.shards import ShardIndex, load_or_build_index, read_raw_range, span_bytes
 
 log = logging.getLogger("data_pipeline.reader")
 STATE_VERSION = 2  # 2: the epoch is a permutation of shard pieces (piece_objects)
@@ -131,6 +131,8 @@ class ReaderConfig(ReaderSettings, _Shards):
 class ViewBatch:
     """A batch of B objects, each with k context views and m target views (images in [0, 1])."""
 
+    # Images and masks are channels-last in memory, (B, V, C, H, W) views of (B, V, H, W, C) data,
+    # as a decoder gives them (and as the peers' collate does): .contiguous() for channels-first memory.
     context_images: torch.Tensor  # (B, k, 3, H, W) float32
     context_K: torch.Tensor  # (B, k, 3, 3) float32, pixels of the output resolution
     context_c2w: torch.Tensor  # (B, k, 4, 4) float32, OpenCV camera-to-world
@@ -308,6 +310,7 @@ class _SlotStream(torch.utils.data.IterableDataset):
         slot = self.rank * self.workers + logical
         state = self.slot_states.get(slot) or SlotState()
         self._pool = None  # parallel ranged GETs of one block (object stores)
+        self._meta = MetaReader()  # parses metadata in this (the batching) thread only
         self._ahead = ThreadPoolExecutor(max_workers=1)  # reads the next block while this one is decoded
         try:
             yield from self._batches(slot, SlotState.from_dict(state.to_dict()))
@@ -438,29 +441,20 @@ class _SlotStream(torch.utils.data.IterableDataset):
         """Parse the metadata and decode (and resize) only the chosen views; raises a tagged SampleError."""
         raw, key, members = item
         config = self.config
-        needed = config.context_views_max + config.target_views
-        meta = _parse_meta(key, raw, members)
-        views = meta["views"]
-        if len(views) < needed:
-            raise _tag(SampleError(f"object {key} has {len(views)} views; the reader needs context_views_max + "
-                                   f"target_views = {needed}"), "too few views", raw.url)
-        chosen = rng.permutation(len(views))[:k + config.target_views]
+        span = members.get(META_SUFFIX)
+        if span is None:
+            raise _tag(SampleError(f"sample {key!r}: missing {META_SUFFIX}"), "bad sample", raw.url)
         try:
-            width, height = int(meta["width"]), int(meta["height"])
-            picked = [views[int(v)] for v in chosen]
-            K = np.array([v["K"] for v in picked], dtype=np.float64).reshape(len(chosen), 3, 3)
-            c2w = np.array([v["c2w"] for v in picked], dtype=np.float64).reshape(len(chosen), 4, 4)
-            names = [str(v["name"]) for v in picked]
-            mask_names = [v.get("mask") for v in picked]  # schema v1: "mask" only when the sample has masks
-            background = tuple(float(c) for c in meta.get("background", (1.0, 1.0, 1.0)))
-        except (KeyError, TypeError, ValueError) as error:
-            raise _tag(SampleError(f"sample {key!r}: malformed {META_SUFFIX} field ({type(error).__name__}: {error})"),
-                       "bad sample", raw.url) from None
-        object_id = str(meta.get("object_id", key))
+            meta = self._meta.read(span_bytes(raw.buffer, span), key, rng, k + config.target_views,
+                                   config.context_views_max + config.target_views, extra=config.box_half_size is not None)
+        except MetaError as error:
+            raise _tag(SampleError(str(error)), error.reason, raw.url) from None
+        chosen, K, c2w, width, height = meta.chosen, meta.K, meta.c2w, meta.width, meta.height
+        names, mask_names, object_id = meta.names, meta.mask_names, meta.object_id
         if config.box_half_size is not None:  # only the chosen cameras: the validator checks them all
             if not hasattr(self, "_box_fit"):
                 self._box_fit = BoxFitWarner(config.box_half_size)
-            self._box_fit(SimpleNamespace(object_id=object_id, extra=meta.get("extra") or {}, intrinsics=K, c2w=c2w,
+            self._box_fit(SimpleNamespace(object_id=object_id, extra=meta.extra, intrinsics=K, c2w=c2w,
                                           width=width, height=height))
         rgb = np.empty((len(chosen), height, width, 4 if config.masks else 3), dtype=np.uint8)  # filled view by view
         for j, (view, name, mask_name) in enumerate(zip(chosen, names, mask_names)):
@@ -486,7 +480,7 @@ class _SlotStream(torch.utils.data.IterableDataset):
             K = K.copy()  # scale_intrinsics, for a stack of cameras
             K[:, 0, :] *= out_w / width
             K[:, 1, :] *= out_h / height
-        return _LoadedObject(object_id, background, chosen, rgb, K, c2w)
+        return _LoadedObject(object_id, meta.background, chosen, rgb, K, c2w)
 
 
 def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -516,28 +510,6 @@ def _bad_camera_error(item: "_LoadedObject") -> SampleError | None:
         return SampleError(str(error))
 
 
-def _parse_meta(key: str, raw: RawRange, members: dict[str, int]) -> dict:
-    """The sample's meta.json (schema v1), parsed with orjson; raises a tagged SampleError.
-
-    The same checks as schema.parse_sample, but nothing is converted until a view is chosen:
-    arrays are built for the few views a batch uses, not for all of them.
-    """
-    span = members.get(META_SUFFIX)
-    if span is None:
-        raise _tag(SampleError(f"sample {key!r}: missing {META_SUFFIX}"), "bad sample", raw.url)
-    try:
-        meta = orjson.loads(span_bytes(raw.buffer, span))
-    except orjson.JSONDecodeError as error:
-        raise _tag(SampleError(f"sample {key!r}: {META_SUFFIX} is not valid JSON ({error})"), "bad sample", raw.url) from None
-    if not isinstance(meta, dict) or meta.get("schema_version") != SCHEMA_VERSION:
-        version = meta.get("schema_version") if isinstance(meta, dict) else None
-        raise _tag(SampleError(f"sample {key!r}: schema_version {version!r} is not supported (this reader knows "
-                               f"{SCHEMA_VERSION})"), "bad sample", raw.url)
-    if not isinstance(meta.get("views"), list):
-        raise _tag(SampleError(f"sample {key!r}: malformed {META_SUFFIX} field (views)"), "bad sample", raw.url)
-    return meta
-
-
 @dataclass
 class _LoadedObject:
     object_id: str
@@ -559,10 +531,13 @@ class _PackedBatch:
     Each tensor crossing a process boundary costs a shared-memory segment and a file-descriptor
     hand-over that needs the worker's GIL; with ten tensors per batch that was measured to halve
     the throughput of a busy worker (bench/data_pipeline.py). Unpacking makes zero-copy views.
+    Images are stored channels last, (B, V, H, W, C) as decoded, and handed out as (B, V, C, H, W)
+    views of that memory (``_CHANNELS_FIRST``): the transposing copy into channels-first memory
+    was the largest cost of collating (more than half of it) and nothing downstream needs it.
     """
 
     buffer: torch.Tensor
-    layout: list[tuple[str, tuple[int, ...]]]
+    layout: list[tuple[str, tuple[int, ...]]]  # (field, shape as stored)
     object_ids: list[str]
 
     def unpack(self) -> ViewBatch:
@@ -571,9 +546,16 @@ class _PackedBatch:
             size = math.prod(shape)
             fields[name] = self.buffer[start:start + size].view(shape)
             start += size
+        for name in _IMAGE_FIELDS:
+            if name in fields:
+                fields[name] = fields[name].permute(_CHANNELS_FIRST)
         for name in ("context_view_indices", "target_view_indices"):
             fields[name] = fields[name].long()
         return ViewBatch(object_ids=self.object_ids, **fields)
+
+
+_IMAGE_FIELDS = ("context_images", "target_images", "context_masks", "target_masks")
+_CHANNELS_FIRST = (0, 1, 4, 2, 3)  # (B, V, H, W, C) memory -> (B, V, C, H, W) view
 
 
 def _collate(items: list[_LoadedObject], k: int) -> _PackedBatch:
@@ -588,8 +570,8 @@ def _collate(items: list[_LoadedObject], k: int) -> _PackedBatch:
     m = views - k
     masks = channels == 4  # ReaderConfig.masks: RGB + mask channels
     layout = [
-        ("context_images", (count, k, 3, height, width)), ("target_images", (count, m, 3, height, width)),
-        *([("context_masks", (count, k, 1, height, width)), ("target_masks", (count, m, 1, height, width))] if masks else []),
+        ("context_images", (count, k, height, width, 3)), ("target_images", (count, m, height, width, 3)),
+        *([("context_masks", (count, k, height, width, 1)), ("target_masks", (count, m, height, width, 1))] if masks else []),
         ("context_K", (count, k, 3, 3)), ("context_c2w", (count, k, 4, 4)),
         ("target_K", (count, m, 3, 3)), ("target_c2w", (count, m, 4, 4)),
         ("background", (count, 3)), ("context_view_indices", (count, k)), ("target_view_indices", (count, m)),
@@ -600,14 +582,13 @@ def _collate(items: list[_LoadedObject], k: int) -> _PackedBatch:
     for (name, shape), size in zip(layout, sizes):
         parts[name] = buffer[start:start + size].reshape(shape)
         start += size
-    # uint8 BVHWC -> float32 BVCHW in [0, 1], one pass per field
-    chw = images.transpose(0, 1, 4, 2, 3)
+    # uint8 -> float32 in [0, 1], one pass per field, in the order of memory (channels last)
     scale = np.float32(255.0)
-    np.divide(chw[:, :k, :3], scale, out=parts["context_images"])
-    np.divide(chw[:, k:, :3], scale, out=parts["target_images"])
+    np.divide(images[:, :k, ..., :3], scale, out=parts["context_images"])
+    np.divide(images[:, k:, ..., :3], scale, out=parts["target_images"])
     if masks:
-        np.divide(chw[:, :k, 3:], scale, out=parts["context_masks"])
-        np.divide(chw[:, k:, 3:], scale, out=parts["target_masks"])
+        np.divide(images[:, :k, ..., 3:], scale, out=parts["context_masks"])
+        np.divide(images[:, k:, ..., 3:], scale, out=parts["target_masks"])
     parts["context_K"][...], parts["target_K"][...] = K[:, :k], K[:, k:]
     parts["context_c2w"][...], parts["target_c2w"][...] = c2w[:, :k], c2w[:, k:]
     parts["context_view_indices"][...], parts["target_view_indices"][...] = chosen[:, :k], chosen[:, k:]

@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 
 
-def _group_key(name: str) -> tuple[str, str]:
+def group_key(name: str) -> tuple[str, str]:
     """webdataset's rule: the key is everything before the first dot of the basename."""
     if "/" not in name:  # the common case, without os.path's overhead (the reader calls this per member)
         key, _, suffix = name.partition(".")
@@ -108,6 +108,31 @@ def parse_members(buffer: bytes, base: int, final: bool) -> tuple[list[tuple[str
     return members, pos, damage, ended
 
 
+_OCTAL_11 = 8 ** np.arange(10, -1, -1, dtype=np.int64)
+
+
+def sizes_match(buffer: bytes, headers: np.ndarray, sizes: np.ndarray) -> bool:
+    """Whether the tar headers at these offsets of ``buffer`` (a run of whole members from a
+    header on) all give these member sizes: how a ranged read checks a member table, vectorised,
+    reading 12 bytes per header."""
+    if not len(headers):
+        return True
+    if (headers & 511).any():  # headers lie on 512-byte blocks from the buffer's first header
+        return False
+    blocks = np.frombuffer(buffer, dtype=np.uint8, count=len(buffer) // 512 * 512).reshape(-1, 512)
+    field = blocks[:, 124:136][headers // 512]
+    digits = field[:, :11] - np.uint8(48)  # (wraps round below "0")
+    end = field[:, 11]
+    if (digits <= 7).all() and ((end == 0) | (end == 32)).all():  # "%011o" and NUL or space: tarfile, GNU tar
+        return bool((digits.astype(np.int64) @ _OCTAL_11 == sizes).all())
+    # other writers: leading spaces or NULs, a shorter number; a base-256 size never matches
+    digit = (field >= 48) & (field <= 55)
+    blank = (field == 0) | (field == 32)
+    after = digit[:, ::-1].cumsum(axis=1)[:, ::-1] - digit  # digits to the right of each byte
+    stored = np.where(digit, (field.astype(np.int64) - 48) << (3 * after), 0).sum(axis=1)
+    return bool((digit | blank).all() and (stored == sizes).all())
+
+
 def _first_bad_checksum(buffer: bytes, headers: list[int]) -> int | None:
     """Index in ``headers`` of the first header whose checksum is wrong, or None (vectorised)."""
     if not headers:
@@ -140,7 +165,7 @@ def group_members(members) -> Iterator[tuple[str, int, dict]]:
     """
     key, offset, group = None, 0, {}
     for name, at, data in members:
-        member_key, suffix = _group_key(name)
+        member_key, suffix = group_key(name)
         if member_key != key:
             if key is not None:
                 yield key, offset, group
@@ -150,9 +175,12 @@ def group_members(members) -> Iterator[tuple[str, int, dict]]:
         yield key, offset, group
 
 
-def iter_tar_groups(fileobj, start_offset: int = 0, until_end_marker: bool = True) -> Iterator[tuple[str, int, dict[str, bytes]]]:
+def iter_tar_groups(fileobj, start_offset: int = 0, until_end_marker: bool = True,
+                    positions: bool = False) -> Iterator[tuple[str, int, dict]]:
     """Yield (key, offset, {suffix: bytes}) for consecutive sample groups, from a byte offset.
 
+    With ``positions``, each member is given as (byte offset of its data in the shard, size)
+    instead of its bytes (what the index scan records, see :class:`.index.MemberTable`).
     Truncated or garbled tar data (a cut inside a member or at a member boundary, a bad header,
     a zero block in the middle) raises :class:`TarDamage` (a ``tarfile.ReadError``) where it is
     found, after every group before it has been yielded (the one in progress too: the schema
@@ -168,7 +196,7 @@ def iter_tar_groups(fileobj, start_offset: int = 0, until_end_marker: bool = Tru
             buffer, final = pending + chunk, not chunk
             found, consumed, damage, ended = parse_members(buffer, base, final)
             for name, at, span in found:
-                yield name, at, span_bytes(buffer, span)
+                yield name, at, (base + (span >> 32), span & 0xFFFFFFFF) if positions else span_bytes(buffer, span)
             if damage:
                 raise TarDamage(damage)
             if ended:

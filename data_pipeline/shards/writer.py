@@ -7,7 +7,8 @@ import tarfile
 
 from data_pipeline import storage
 from data_pipeline.schema import ObjectSample
-from data_pipeline.shards.index import ShardIndex, write_index
+from data_pipeline.shards.index import MemberTable, ShardIndex, write_index
+from data_pipeline.shards.tar import group_key
 
 # Fixed header fields make shards byte-for-byte deterministic for a given input.
 _TAR_MTIME = 1_700_000_000
@@ -58,10 +59,14 @@ class ShardWriter:
             self._open_shard()
         self._keys.append(sample.key)
         self._offsets.append(self._tar.offset)
+        group: dict[str, tuple[int, int]] = {}  # suffix -> (data offset, size), as the header walk groups them
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size, info.mtime, info.mode = len(data), _TAR_MTIME, 0o644
             self._tar.addfile(info, io.BytesIO(data))
+            # the data ends the member, padded to a block (a pax header, if any, comes before)
+            group[group_key(name)[1]] = (self._tar.offset - (len(data) + 511) // 512 * 512, len(data))
+        self._groups.append(group)
         self.num_objects += 1
 
     def _open_shard(self) -> None:
@@ -70,7 +75,7 @@ class ShardWriter:
         self._write_url = url + ".partial" if storage.is_local(url) else url
         self._file = storage.open_url(self._write_url, "wb", self.storage_options)
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
-        self._keys, self._offsets = [], []
+        self._keys, self._offsets, self._groups = [], [], []
 
     def _close_shard(self) -> None:
         self._tar.close()  # writes the end-of-archive blocks and pads to a full tar record
@@ -78,7 +83,8 @@ class ShardWriter:
         self._file.close()
         if self._write_url != self._url:
             storage.rename(self._write_url, self._url, self.storage_options)
-        index = ShardIndex(self._url, tuple(self._keys), tuple(self._offsets), num_bytes)
+        index = ShardIndex(self._url, tuple(self._keys), tuple(self._offsets), num_bytes,
+                           members=MemberTable.build(self._groups, self._offsets))
         write_index(index, self.storage_options)
         self.shard_urls.append(self._url)
         self.num_bytes += num_bytes
