@@ -120,6 +120,9 @@ def check_camera(K: np.ndarray, c2w: np.ndarray, where: str, tol: float = 1e-4) 
 
 _K_LAST_ROW = np.array([0.0, 0.0, 1.0])
 _C2W_LAST_ROW = np.array([0.0, 0.0, 0.0, 1.0])
+_K_ROW_TOL = 1e-8 + 1e-5 * _K_LAST_ROW  # np.allclose's default tolerances
+_C2W_ROW_TOL = 1e-8 + 1e-5 * _C2W_LAST_ROW
+_EYE3 = np.eye(3)
 
 
 def check_cameras(K: np.ndarray, c2w: np.ndarray, where: str, tol: float = 1e-4) -> None:
@@ -131,21 +134,16 @@ def check_cameras(K: np.ndarray, c2w: np.ndarray, where: str, tol: float = 1e-4)
     K = np.asarray(K, dtype=np.float64)
     c2w = np.asarray(c2w, dtype=np.float64)
     if K.ndim == 3 and c2w.ndim == 3 and K.shape[1:] == (3, 3) and c2w.shape[1:] == (4, 4) and len(K) == len(c2w):
-        # Plain array arithmetic (no allclose / linalg.det): the reader checks every object it emits.
+        # Few array operations (the reader checks every object it emits), each in check_camera's
+        # order; the costly ones last, reached only by finite cameras.
         R = c2w[:, :3, :3]
-        gram = np.matmul(R.transpose(0, 2, 1), R)
-        gram[:, (0, 1, 2), (0, 1, 2)] -= 1.0
-        det = (R[:, 0, 0] * (R[:, 1, 1] * R[:, 2, 2] - R[:, 1, 2] * R[:, 2, 1])
-               - R[:, 0, 1] * (R[:, 1, 0] * R[:, 2, 2] - R[:, 1, 2] * R[:, 2, 0])
-               + R[:, 0, 2] * (R[:, 1, 0] * R[:, 2, 1] - R[:, 1, 1] * R[:, 2, 0]))
-        k_row = np.abs(K[:, 2] - _K_LAST_ROW)
-        c_row = np.abs(c2w[:, 3] - _C2W_LAST_ROW)
         ok = (
             np.isfinite(K).all() and np.isfinite(c2w).all()
             and (K[:, (0, 1, 0, 1), (0, 1, 2, 2)] > 0).all()  # fx, fy, cx, cy
-            and (k_row <= 1e-8 + 1e-5 * _K_LAST_ROW).all() and (K[:, 1, 0] == 0.0).all()  # = np.allclose
-            and np.abs(gram).max(initial=0.0) <= tol and (np.abs(det - 1.0) <= tol).all()
-            and (c_row <= 1e-8 + 1e-5 * _C2W_LAST_ROW).all()
+            and (np.abs(K[:, 2] - _K_LAST_ROW) <= _K_ROW_TOL).all() and not K[:, 1, 0].any()  # = np.allclose
+            and (np.abs(c2w[:, 3] - _C2W_LAST_ROW) <= _C2W_ROW_TOL).all()
+            and np.abs(np.matmul(R.transpose(0, 2, 1), R) - _EYE3).max(initial=0.0) <= tol
+            and (np.abs(np.linalg.det(R) - 1.0) <= tol).all()
         )
         if ok:
             return

@@ -96,8 +96,7 @@ def _extract(doc, key: str, rng: np.random.Generator, count: int, needed: int, e
     try:
         width, height = int(doc["width"]), int(doc["height"])
         picked = [views[v] for v in chosen.tolist()]
-        K = _matrices([v["K"] for v in picked], 3)
-        c2w = _matrices([v["c2w"] for v in picked], 4)
+        K, c2w = _cameras(picked)
         names = [str(v["name"]) for v in picked]
         # schema v1: "mask" only when the sample has masks (looked up among the keys: a missing
         # key costs simdjson an exception, 2 us a view)
@@ -115,13 +114,15 @@ def _extract(doc, key: str, rng: np.random.Generator, count: int, needed: int, e
     return None, ChosenViews(object_id, width, height, background, chosen, K, c2w, names, mask_names, more)
 
 
-def _matrices(arrays: list, n: int) -> np.ndarray:
-    """(len, n, n) float64 from JSON arrays of n rows of n numbers (or n*n numbers), one buffer each."""
-    buffers = [a.as_buffer(of_type="d") for a in arrays]
-    for a, b in zip(arrays, buffers):
-        if len(memoryview(b)) != 8 * n * n or (len(a) != n * n and len(a) != n):  # (a byte buffer)
-            raise ValueError(f"a {n}x{n} matrix must be {n} rows of {n} numbers")
-    return np.frombuffer(b"".join(buffers), dtype=np.float64).reshape(len(arrays), n, n)
+def _cameras(views: list) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 3, 3) K and (n, 4, 4) c2w float64 from the views' JSON arrays (rows of numbers, or the
+    numbers in row order), each array's numbers copied straight into one buffer by simdjson."""
+    buffers = [v["K"].as_buffer(of_type="d") for v in views] + [v["c2w"].as_buffer(of_type="d") for v in views]
+    n = len(views)
+    if any(len(memoryview(b)) != (72 if i < n else 128) for i, b in enumerate(buffers)):  # bytes: 9 or 16 numbers
+        raise ValueError("K must be 3x3 and c2w 4x4 numbers")
+    flat = np.frombuffer(b"".join(buffers), dtype=np.float64)
+    return flat[:9 * n].reshape(n, 3, 3), flat[9 * n:].reshape(n, 4, 4)
 
 
 def _plain(value):
