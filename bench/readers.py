@@ -275,7 +275,7 @@ def measure(spec: dict) -> dict:
             # Machine load drifts while children run one after another, so each child also times
             # the in-memory ceiling right after each of its epochs: the paired ratio is robust to it.
             objects_in_memory = load_objects(spec["tar_local"])
-            in_memory = _in_memory_pass(_shard_bytes(spec["tar_local"]), spec["seed"])
+            in_memory = _in_memory_pass(_shard_bytes(spec["tar_local"]), spec["seed"], spec["tar_local"])
             in_memory()  # warm-up
         if name == "project":
             loader.set_epoch(epoch + 1)
@@ -317,18 +317,34 @@ def measure(spec: dict) -> dict:
 # --------------------------------------------------------------------------- ceilings (this process)
 
 
-def _in_memory_pass(shard_bytes: list[bytes], seed: int):
-    """One in-memory epoch: the shards' bytes already in RAM, parsed (tar headers with the project's
-    parser, metadata), 4 views decoded per object, batches of 8 collated — what a reader does
-    minus the I/O and the sampling."""
+def _in_memory_pass(shard_bytes: list[bytes], seed: int, urls: list[str] | None = None):
+    """One in-memory epoch: the shards' bytes already in RAM, parsed (members found as the
+    project's reader finds them, metadata), 4 views decoded per object, batches of 8 collated —
+    what a reader does minus the I/O and the sampling.
+
+    Members are found with the shard index's member table when it has one (sliced by their
+    offsets, the sizes and names checked against the tar headers: the reader's ranged-read path,
+    here over a whole shard at once), else by walking the tar headers with the project's parser.
+    """
     import io
 
-    from data_pipeline.shards import iter_tar_groups
+    from data_pipeline.shards import iter_tar_groups, load_or_build_index, span_bytes
+    from data_pipeline.shards.ranges import groups_from_table  # the reader's own member slicing
+
+    indices = [load_or_build_index(url) for url in urls] if urls else [None] * len(shard_bytes)
+
+    def groups(data: bytes, index):
+        if index is not None and index.members is not None and len(index):
+            base = data[index.offsets[0]:]
+            found = groups_from_table(index, 0, len(index), base)
+            if found is not None:
+                return ({suffix: span_bytes(base, span) for suffix, span in members.items()} for _, members in found)
+        return (members for _, _, members in iter_tar_groups(io.BytesIO(data)))
 
     def run():
         items, i = [], 0
-        for data in shard_bytes:
-            for _, _, members in iter_tar_groups(io.BytesIO(data)):
+        for data, index in zip(shard_bytes, indices):
+            for members in groups(data, index):
                 items.append(decode_object(members["meta.json"], members.__getitem__, np.random.default_rng([seed, i])))
                 i += 1
                 if len(items) == BATCH:
@@ -368,7 +384,7 @@ def ceilings(objects, tar_urls: list[str], passes: int, seed: int) -> dict:
             for name in view_names:
                 decode_image(members[name])
 
-    in_memory = _in_memory_pass(_shard_bytes(tar_urls), seed)
+    in_memory = _in_memory_pass(_shard_bytes(tar_urls), seed, tar_urls)
     preparsed = _preparsed_pass(objects, seed)
 
     out = {}

@@ -30,13 +30,13 @@ def read_raw_range(url: str, index: ShardIndex, first: int, count: int, storage_
     Only the tar headers are parsed here; a sample's members are sliced from the buffer when the
     sample is used. Damage (a short read, a bad header) ends the range early with ``damage`` set.
     With the index's member table the headers are not walked but checked, all at once
-    (:func:`_groups_from_table`); whatever that check does not accept is walked as before.
+    (:func:`groups_from_table`); whatever that check does not accept is walked as before.
     """
     start = index.offsets[first]
     end = index.offsets[first + count] if first + count < len(index) else index.num_bytes
     buffer = _read(url, start, end, storage_options)
     if index.members is not None and len(buffer) == end - start:
-        groups = _groups_from_table(index, first, count, buffer)
+        groups = groups_from_table(index, first, count, buffer)
         if groups is not None:
             return RawRange(url, buffer, groups)
     return _walk(url, index, first, count, buffer, start, end)
@@ -51,6 +51,22 @@ def _read(url: str, start: int, end: int, storage_options: dict | None) -> bytes
     return fs.cat_file(path, start=start, end=end)
 
 
+def advise_will_read(url: str, index: ShardIndex, first: int, count: int) -> None:
+    """Tell the kernel that samples ``first .. first+count-1`` of a local shard will be read soon
+    (``posix_fadvise`` WILLNEED: it starts reading them from disk in the background); a no-op for
+    object stores, and wherever the hint is not available or the file cannot be opened."""
+    if not storage.is_local(url) or not hasattr(os, "posix_fadvise") or not count:
+        return
+    start = index.offsets[first]
+    end = index.offsets[first + count] if first + count < len(index) else index.num_bytes
+    try:
+        fd = _descriptor(storage.local_path(url))
+        if fd is not None:
+            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass  # only a hint: the read itself reports what is wrong
+
+
 _OPEN: dict[str, tuple[int, int, int]] = {}  # local shard path -> (fd, st_dev, st_ino), per process
 _OPEN_LOCK = threading.Lock()
 _MAX_OPEN = 256
@@ -62,16 +78,7 @@ def _pread(path: str, start: int, end: int) -> bytes:
     afresh; a descriptor is never closed while another thread might read with it (a replaced
     shard leaves its old one open); past ``_MAX_OPEN`` shards, each read opens and closes its own.
     """
-    stat = os.stat(path)
-    with _OPEN_LOCK:
-        known = _OPEN.get(path)
-        if known is not None and known[1:] == (stat.st_dev, stat.st_ino):
-            fd = known[0]
-        elif len(_OPEN) < _MAX_OPEN or known is not None:
-            fd = os.open(path, os.O_RDONLY)
-            _OPEN[path] = (fd, stat.st_dev, stat.st_ino)
-        else:
-            fd = None
+    fd = _descriptor(path)
     if fd is not None:
         return os.pread(fd, end - start, start)
     fd = os.open(path, os.O_RDONLY)
@@ -81,7 +88,21 @@ def _pread(path: str, start: int, end: int) -> bytes:
         os.close(fd)
 
 
-def _groups_from_table(index: ShardIndex, first: int, count: int, buffer: bytes) -> list | None:
+def _descriptor(path: str) -> int | None:
+    """The kept-open descriptor of a local shard (see _pread), or None past _MAX_OPEN shards."""
+    stat = os.stat(path)
+    with _OPEN_LOCK:
+        known = _OPEN.get(path)
+        if known is not None and known[1:] == (stat.st_dev, stat.st_ino):
+            return known[0]
+        if len(_OPEN) < _MAX_OPEN or known is not None:
+            fd = os.open(path, os.O_RDONLY)
+            _OPEN[path] = (fd, stat.st_dev, stat.st_ino)
+            return fd
+    return None
+
+
+def groups_from_table(index: ShardIndex, first: int, count: int, buffer: bytes) -> list | None:
     """The range's groups from the member table, or None when its headers do not bear it out.
 
     Each member's tar header (the block before its data) must give the table's size, and each
