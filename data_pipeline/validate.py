@@ -35,7 +35,7 @@ from data_pipeline.cli_types import nonnegative_int, usage_errors
 from data_pipeline.cameras import CameraError, check_camera
 from data_pipeline.parallel import map_in_order
 from data_pipeline.schema import IMAGE_FORMATS, META_SUFFIX, SampleError, decode_image, decode_mask, mask_name, object_key, parse_sample
-from data_pipeline.shards import INDEX_SUFFIX, ShardIndex, iter_tar_groups, read_index
+from data_pipeline.shards import INDEX_SUFFIX, ShardIndex, iter_tar_groups, read_index, scan_index
 
 # A tar archive ends with two zero blocks; a shard cut at a member boundary reads as a shorter,
 # "valid" archive to tarfile's stream mode, so this marker is the only sign of the cut.
@@ -228,6 +228,13 @@ def check_index(url: str, keys: list[str], offsets: list[int], size: int, storag
         key = listed[first][0] if first < len(listed) else (found[first][0] if first < len(found) else None)
         problems.append(Problem(url, key, f"index does not match the shard: it lists {len(listed)} samples, the shard has "
                                           f"{len(found)}; first difference at sample #{first}: index {at_index}, shard {at_shard}"))
+    if index.note:  # a member table set aside (malformed)
+        problems.append(Problem(url, None, index.note))
+    elif index.members is not None and not problems:  # where each member lies: checked against a scan
+        scanned = scan_index(url, storage_options).members
+        if scanned is None or scanned.to_json() != index.members.to_json():
+            problems.append(Problem(url, None, f"index {url}{INDEX_SUFFIX}: its member table does not match the shard's "
+                                               f"members (readers walk the tar headers where they differ: slower)"))
     return True, problems
 
 

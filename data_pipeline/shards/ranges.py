@@ -121,8 +121,10 @@ def groups_from_table(index: ShardIndex, first: int, count: int, buffer: bytes) 
     if len(at) and (at.min() < 512 or (at + size).max() > len(buffer) or not sizes_match(buffer, at - 512, size)):
         return None
     keys = index.keys[first:first + count]
-    for key, data_at in zip(keys, at[bounds[:-1] - bounds[0]].tolist()):  # each sample's first name: "KEY.suffix"
-        if not buffer.startswith(key.encode() + b".", data_at - 512):
+    # each sample's first member is named "KEY.suffix" (a long name: its first 100 bytes, the name
+    # field, as tarfile and GNU tar write it beside the pax / long-name header)
+    for key, data_at in zip(keys, at[bounds[:-1] - bounds[0]].tolist()):
+        if not buffer.startswith((key.encode() + b".")[:100], data_at - 512):
             return None
     spans = ((at << 32) | size).tolist()
     groups, row = [], 0
