@@ -23,9 +23,10 @@ main process and the largest loader worker). Sources: local disk, and the real l
 (SeaweedFS on loopback; MosaicML and litdata download chunks into a local cache first).
 
 Ceilings, in one process, from bytes already in memory: ``decode`` (the 4 PNG decodes per object
-only), ``in_memory`` (the shards' bytes in RAM: tar headers parsed with the project's parser,
-then the per-object function and batching: metadata, cameras, decode, collate) and
-``in_memory_preparsed`` (the same from members already split, no tar parsing). Machine load
+only), ``in_memory`` (the shards' bytes in RAM, members found as the project's reader finds them —
+sliced by the index's member table where the index has one, else by walking the tar headers with
+the project's parser — then the per-object function and batching: metadata, cameras, decode,
+collate) and ``in_memory_preparsed`` (the same from members already split). Machine load
 drifts while the children run one after another, so each child also times ``in_memory`` right
 after each of its epochs; ``vs_in_memory_ceiling`` is the median of those paired ratios (wall
 clock), ``cpu_vs_in_memory_ceiling`` the same in CPU time of the process (0 workers only: it
