@@ -72,6 +72,15 @@ _OPEN_LOCK = threading.Lock()
 _MAX_OPEN = 256
 
 
+def _fresh_lock_after_fork() -> None:  # a lock held by another thread at a fork would stay held in the child
+    global _OPEN_LOCK
+    _OPEN_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_lock_after_fork)
+
+
 def _pread(path: str, start: int, end: int) -> bytes:
     """A local read with ``os.pread`` on a descriptor kept open: a third of fsspec's open + seek +
     read + close for a piece of 8 objects. A shard replaced on disk (another inode) is opened
