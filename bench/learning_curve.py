@@ -44,7 +44,8 @@ def evaluate(checkpoint: Path, data: str, steps: int, max_objects: int | None, e
         with open(out) as f:
             results = json.load(f)
     rec, gen = results["reconstruction"], results["generation"]
-    return {"step": int(checkpoint.name.split("_")[1]), "psnr": rec["psnr"], "ssim": rec["ssim"], "fid": gen["fid"],
+    return {"step": int(checkpoint.name.split("_")[1]), "psnr": rec["psnr"], "ssim": rec["ssim"], "hue": rec["hue"],
+            "truth_hue": rec["truth_hue"], "fid": gen["fid"],
             "kid": gen["kid"], "objects": rec["objects"], "sampler": "ddim", "sampler_steps": steps, "weights": "ema" if ema else "trained"}
 
 

@@ -44,7 +44,7 @@ from data_pipeline.shards import read_sample_range
 from model_zoo.goembedfusion import GOEmbedFusion, Views
 from model_zoo.samplers import SAMPLERS
 from model_zoo.metrics import (UNAVAILABLE, FeatureExtractor, build_feature_extractor, fid_from_features,
-                               kernel_inception_distance, load_lpips, psnr, ssim)
+                               foreground, hue, kernel_inception_distance, load_lpips, psnr, ssim)
 
 
 # -- reading held-out objects -------------------------------------------------------------------
@@ -135,6 +135,8 @@ def evaluate_reconstruction(model: GOEmbedFusion, pattern: str, context_views: i
         rendered = model.render(state, target_K, target_c2w, height, width, background)[:, 0].float()
         truth = target_images[:, 0]
         scores = {"psnr": psnr(rendered, truth), "ssim": ssim(rendered, truth)}
+        mask = foreground(truth, background)  # hue where the object is, in the true view
+        scores["hue"], scores["truth_hue"] = hue(rendered, mask), hue(truth, mask)
         if lpips is not None:
             scores["lpips"] = lpips(rendered, truth)
         for i, object_id in enumerate(ids):
@@ -164,6 +166,8 @@ def evaluate_reconstruction(model: GOEmbedFusion, pattern: str, context_views: i
         "resolution": resolution, "encode_resolution": model.config.encode_resolution,
         "psnr": mean("psnr"), "ssim": mean("ssim"),
         "lpips": mean("lpips") if lpips is not None else UNAVAILABLE,
+        # How colourful the renders are on the true object's pixels, beside the truth's own (metrics.hue).
+        "hue": mean("hue"), "truth_hue": mean("truth_hue"),
         # Per object, so two models can be compared by paired differences (python -m model_zoo.compare).
         "per_object": {key: results[key] for key in sorted(results)},
     }
@@ -280,7 +284,7 @@ def format_table(results: dict) -> str:
     for task, values in results.items():
         if not isinstance(values, dict):
             continue
-        names = ("psnr", "ssim", "lpips") if task == "reconstruction" else ("fid", "kid", "kid_std")
+        names = ("psnr", "ssim", "lpips", "hue", "truth_hue") if task == "reconstruction" else ("fid", "kid", "kid_std")
         cells = [f"{name}={values[name]:.4f}" if isinstance(values[name], float) else f"{name}={values[name]}"
                  for name in names]
         rows.append(f"{task:<15} objects={values['objects']:<5} " + "  ".join(cells))

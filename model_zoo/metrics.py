@@ -47,6 +47,24 @@ def psnr(a: torch.Tensor, b: torch.Tensor, max_val: float = 1.0, mse_floor: floa
     return psnr_from_mse(mse, max_val, mse_floor)
 
 
+def hue(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """How colourful images (N, 3, H, W) are where ``mask`` (N, H, W) is set: the mean over those
+    pixels of |c − mean_RGB(c)| (0 for any shade of grey; NaN for an image with no pixel in the mask).
+
+    Not a perceptual measure; it makes one failure visible that PSNR hides: a model whose renders
+    have the right brightness and no hue (README, "The longer CPU run")."""
+    images = images.float()
+    chroma = (images - images.mean(1, keepdim=True)).abs().mean(1)  # (N, H, W)
+    weights = mask.to(chroma.dtype)
+    return (chroma * weights).flatten(1).sum(1) / weights.flatten(1).sum(1)
+
+
+def foreground(images: torch.Tensor, background: torch.Tensor, tolerance: float = 0.03) -> torch.Tensor:
+    """(N, H, W) pixels of images (N, 3, H, W) that differ from their background colour (N, 3) by
+    more than ``tolerance`` in some channel."""
+    return ((images.float() - background.float().view(-1, 3, 1, 1)).abs() > tolerance).any(1)
+
+
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-x ** 2 / (2 * sigma ** 2))

@@ -56,6 +56,7 @@ def test_reconstruction_metrics_and_lpips_only_with_weights(holdout, model, tmp_
     assert math.isfinite(results["psnr"]) and 0 < results["psnr"] < 60
     assert math.isfinite(results["ssim"]) and -1 <= results["ssim"] <= 1
     assert results["lpips"] == "unavailable"
+    assert 0 <= results["hue"] < results["truth_hue"]  # the synthetic objects are coloured; an untrained model is not
     with_lpips = evaluate_reconstruction(model, holdout, context_views=3, resolution=32, max_objects=3,
                                          lpips_weights=lpips_weights(tmp_path / "lpips.pt"))
     assert with_lpips["objects"] == 3 and isinstance(with_lpips["lpips"], float) and with_lpips["lpips"] > 0

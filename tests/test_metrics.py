@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model_zoo.metrics import (UNAVAILABLE, InceptionFeatures, InceptionV3Pool, RandomConvFeatures,
+from model_zoo.metrics import (UNAVAILABLE, InceptionFeatures, foreground, hue, InceptionV3Pool, RandomConvFeatures,
                                build_feature_extractor, fid_from_features, kernel_inception_distance, load_lpips, psnr,
                                psnr_from_mse, resize_bilinear_tf1, ssim)
 
@@ -50,6 +50,19 @@ def test_psnr_from_mse_is_the_one_formula_and_its_floor_caps_it():
     assert torch.isinf(psnr_from_mse(torch.zeros(2))).all()
     assert torch.allclose(psnr_from_mse(torch.zeros(2), mse_floor=1e-10), torch.full((2,), 100.0))
     assert torch.allclose(psnr(a, a, mse_floor=1e-10), torch.full((4,), 100.0))
+
+
+def test_hue_is_zero_for_grey_and_the_mean_chroma_on_the_mask():
+    grey = torch.rand(2, 1, 4, 4).expand(-1, 3, -1, -1)
+    mask = torch.ones(2, 4, 4, dtype=torch.bool)
+    torch.testing.assert_close(hue(grey, mask), torch.zeros(2), atol=1e-7, rtol=0)
+    image = torch.ones(1, 3, 4, 4)  # white, with one pure-red pixel: |c - mean| = (2/3, 1/3, 1/3) -> 4/9
+    image[0, 1:, 0, 0] = 0
+    only_red = torch.zeros(1, 4, 4, dtype=torch.bool)
+    only_red[0, 0, 0] = True
+    torch.testing.assert_close(hue(image, only_red), torch.tensor([4 / 9]))
+    torch.testing.assert_close(hue(image, foreground(image, torch.ones(1, 3))), torch.tensor([4 / 9]))
+    assert foreground(image, torch.ones(1, 3)).sum() == 1
 
 
 def test_ssim_identical_is_one_and_falls_with_noise():
