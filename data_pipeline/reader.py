@@ -729,9 +729,9 @@ class StreamingReader:
             # a profiler record_function and a default_convert walk of the batch (~70 us measured).
             return stream
         return torch.utils.data.DataLoader(
-            stream, batch_size=None, num_workers=workers, persistent_workers=persistent and workers > 0,
-            prefetch_factor=self.config.prefetch_batches if workers else None,
-            multiprocessing_context="fork" if workers and os.name == "posix" else None,
+            stream, batch_size=None, num_workers=workers, persistent_workers=persistent,
+            prefetch_factor=self.config.prefetch_batches,
+            multiprocessing_context="fork" if os.name == "posix" else None,
         )
 
     def _persistent_loader(self, plan: EpochPlan) -> torch.utils.data.DataLoader:
