@@ -57,7 +57,7 @@ def renders(model: GOEmbedFusion, batch) -> torch.Tensor:
     model.eval()
     context, target = Views.from_batch(batch, "context"), Views.from_batch(batch, "target")
     images = model.render(model.reconstruct(context, batch.background), target.K, target.c2w,
-                          *target.images.shape[-2:], batch.background)
+                          *target.images.shape[-2:], batch.background, context)
     model.train()
     return images
 

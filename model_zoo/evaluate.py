@@ -132,7 +132,7 @@ def evaluate_reconstruction(model: GOEmbedFusion, pattern: str, context_views: i
         background = torch.stack(background).to(device)
         state = model.reconstruct(context, background)
         height, width = target_images.shape[-2:]
-        rendered = model.render(state, target_K, target_c2w, height, width, background)[:, 0].float()
+        rendered = model.render(state, target_K, target_c2w, height, width, background, context)[:, 0].float()
         truth = target_images[:, 0]
         scores = {"psnr": psnr(rendered, truth), "ssim": ssim(rendered, truth)}
         mask = foreground(truth, background)  # hue where the object is, in the true view
@@ -218,7 +218,7 @@ def evaluate_generation(model: GOEmbedFusion, pattern: str, features: FeatureExt
         state = model.sample(K[views[0]][None] * scale, c2w[views[0]][None], background[None], context=context,
                              steps=steps, guidance_scale=guidance_scale, resolution=sample_resolution,
                              generator=generator, sampler=sampler, guidance_on=guidance_on)
-        fake = model.render(state, K[views][None], c2w[views][None], height, width, background[None])[0]
+        fake = model.render(state, K[views][None], c2w[views][None], height, width, background[None], context)[0]
         # PSNR to the object's own views: for conditional samples, how faithful they are to it.
         fidelity = float(psnr(fake.float(), images[views]).mean())
         local[object_id] = (extractor(images[views]).cpu().numpy(), extractor(fake).cpu().numpy(), fidelity)

@@ -40,6 +40,7 @@ from torch import nn
 from model_zoo.diffusion import CosineSchedule, classifier_free_guidance
 from model_zoo.encodings import unprojection
 from model_zoo.goembed import METHODS, NORMALISATIONS, RayBatch, goembed
+from model_zoo.image_colour import ImageColour, SourceViews
 from model_zoo.metrics import psnr_from_mse
 from model_zoo.presets import PRESETS, get_preset
 from model_zoo.lpips import LPIPS
@@ -121,6 +122,9 @@ class ModelConfig:
     lpips_weight: float = Field(0.0, ge=0, description="> 0 adds LPIPS on a rendered patch of the first target view")
     lpips_weights_path: str | None = Field(None, description="AlexNet + LPIPS heads (see lpips.py); never downloaded")
     lpips_patch_size: int = Field(32, ge=32, description="LPIPS patch width in pixels; AlexNet needs >= 32")
+    image_colour: bool = Field(False, description=(
+        "also colour every rendered point from the clean context views it projects into (pixel-aligned, "
+        "as pixelNeRF / IBRNet / DFM; model_zoo/image_colour.py); density stays ζ̂'s"))
 
     @pydantic.model_validator(mode="after")
     def _lpips_weights(self):
@@ -190,8 +194,9 @@ class GOEmbedFusion(nn.Module):
             representation = build_representation(kind, channels=preset.triplane_channels, hidden=config.mlp_hidden)
         decoder = FieldDecoder(representation.feature_dim, preset.decoder_hidden, preset.decoder_layers,
                                origin_density=config.origin_density, point_frequencies=config.decoder_point_frequencies)
+        image_colour = ImageColour(representation.feature_dim, preset.decoder_hidden) if config.image_colour else None
         self.renderer = VolumeRenderer(representation, decoder, config.samples_per_ray or preset.samples_per_ray,
-                                       config.box_half_size)
+                                       config.box_half_size, image_colour)
         denoiser_config = preset.denoiser_config(kind)
         if activation_checkpointing:  # recompute U-Net activations in backward: memory for compute
             denoiser_config = replace(denoiser_config, use_checkpoint=True)
@@ -292,12 +297,22 @@ class GOEmbedFusion(nn.Module):
         return self.denoiser(encoding, t, cond)
 
     def render(self, state: torch.Tensor, K: torch.Tensor, c2w: torch.Tensor, height: int, width: int,
-               background: torch.Tensor) -> torch.Tensor:
-        """Whole images (B, V, 3, H, W) of ζ from any cameras (deterministic sample positions)."""
+               background: torch.Tensor, context: Views | None = None) -> torch.Tensor:
+        """Whole images (B, V, 3, H, W) of ζ from any cameras (deterministic sample positions).
+
+        ``context``: the clean views ζ was reconstructed or sampled from; with ``image_colour`` the
+        render also takes colour from them (without, or for an unconditional ζ, ψ's colour alone)."""
         batch, count = K.shape[:2]
         origins, directions = view_rays(K, c2w, height, width)
-        out = self.renderer.render_rays_chunked(state, origins.reshape(batch, -1, 3), directions.reshape(batch, -1, 3), background)
+        out = self.renderer.render_rays_chunked(state, origins.reshape(batch, -1, 3), directions.reshape(batch, -1, 3),
+                                                background, sources=self.sources(context))
         return out.rgb.reshape(batch, count, height, width, 3).permute(0, 1, 4, 2, 3)
+
+    def sources(self, context: Views | None, weights: torch.Tensor | None = None) -> SourceViews | None:
+        """The views ``image_colour`` reads (None without it or without views); weights (B, V) drop views."""
+        if not self.config.image_colour or context is None or context.count == 0:
+            return None
+        return SourceViews(context.images, context.K, context.c2w, weights)
 
     # -- training ------------------------------------------------------------------------------
     def noisy_target(self, target: Views, t: torch.Tensor, noise: torch.Tensor) -> Views:
@@ -356,22 +371,25 @@ class GOEmbedFusion(nn.Module):
         mark("denoise")
 
         # Every target view: the noised one and those never encoded (held out from the encoder).
-        target_mse = self._render_loss(state, targets, batch.background, generator)
+        sources = self.sources(context, keep_context.unsqueeze(1).expand(-1, context.count))
+        target_mse = self._render_loss(state, targets, batch.background, generator, sources)
         metrics = {"target_mse": target_mse.detach(), "t_mean": t.float().mean(),
                    "psnr_target": psnr_from_mse(target_mse.detach(), mse_floor=PSNR_MSE_FLOOR), **encode_stats}
         loss = target_mse
         if context.count and config.context_loss_weight > 0:
-            context_mse = self._render_loss(state, context, batch.background, generator)
+            # A context view must not copy its own pixels: each reads only the other context views.
+            context_mse = self._render_loss(state, context, batch.background, generator, sources, own_views=True)
             loss = loss + config.context_loss_weight * context_mse
             metrics["context_mse"] = context_mse.detach()
         if self.lpips is not None:
-            perceptual = self._lpips_loss(state, batch, generator)
+            perceptual = self._lpips_loss(state, batch, generator, sources)
             loss = loss + config.lpips_weight * perceptual
             metrics["lpips"] = perceptual.detach()
         mark("render_loss")
         metrics["loss"] = loss.detach()
         return loss, metrics
-    def _lpips_loss(self, state: torch.Tensor, batch, generator: torch.Generator | None) -> torch.Tensor:
+    def _lpips_loss(self, state: torch.Tensor, batch, generator: torch.Generator | None,
+                    sources: SourceViews | None = None) -> torch.Tensor:
         """LPIPS between a rendered square patch of the first target view and the same pixels."""
         images = batch.target_images[:, :1]
         batch_size, _, _, height, width = images.shape
@@ -380,21 +398,28 @@ class GOEmbedFusion(nn.Module):
                                       generator.device if generator is not None else images.device).to(images.device)
         origins, directions = view_rays(batch.target_K[:, :1], batch.target_c2w[:, :1], height, width, indices)
         out = self.renderer.render_rays(state, origins[:, 0], directions[:, 0], batch.background,
-                                        stratified=self.training, generator=generator)
+                                        stratified=self.training, generator=generator, sources=sources)
         rendered = out.rgb.reshape(batch_size, size, size, 3).permute(0, 3, 1, 2)
         truth = gather_pixels(images, indices)[:, 0].reshape(batch_size, size, size, 3).permute(0, 3, 1, 2)
         return self.lpips(rendered, truth.to(rendered.dtype)).mean()
 
     def _render_loss(self, state: torch.Tensor, views: Views, background: torch.Tensor,
-                     generator: torch.Generator | None) -> torch.Tensor:
+                     generator: torch.Generator | None, sources: SourceViews | None = None,
+                     own_views: bool = False) -> torch.Tensor:
+        """MSE of ``rays_per_view`` random pixels of every view; ``own_views``: ``views`` are the
+        sources themselves, so each view's rays are kept from reading their own view."""
         batch, count = views.images.shape[:2]
         height, width = views.images.shape[-2:]
         indices = random_pixel_indices(batch, count, height, width, self.rays_per_view, generator,
                                        generator.device if generator is not None else views.images.device).to(views.images.device)
         origins, directions = view_rays(views.K, views.c2w, height, width, indices)
         colours = gather_pixels(views.images, indices)
+        exclude = None
+        if sources is not None and own_views:
+            own = torch.eye(count, dtype=torch.bool, device=origins.device)  # (view of the ray, source view)
+            exclude = own.repeat_interleave(self.rays_per_view, 0).expand(batch, -1, -1)
         out = self.renderer.render_rays(state, origins.reshape(batch, -1, 3), directions.reshape(batch, -1, 3), background,
-                                        stratified=self.training, generator=generator)
+                                        stratified=self.training, generator=generator, sources=sources, exclude=exclude)
         return F.mse_loss(out.rgb, colours.reshape(batch, -1, 3).to(out.rgb.dtype))
 
     # -- inference -----------------------------------------------------------------------------
@@ -426,8 +451,8 @@ class GOEmbedFusion(nn.Module):
             t = torch.full((x_t.shape[0],), int(t_now), device=background.device, dtype=torch.long)
             noisy = Views(((x_t + 1) / 2).unsqueeze(1), K, c2w)
 
-            def image(state):
-                return self.render(state, K, c2w, height, width, background)[:, 0] * 2 - 1
+            def image(state, views=context):
+                return self.render(state, K, c2w, height, width, background, views)[:, 0] * 2 - 1
 
             conditional = self.denoise(self.condition(context, noisy, background), t)
             predict.state = conditional
@@ -437,7 +462,7 @@ class GOEmbedFusion(nn.Module):
             if guidance_on == "state":
                 predict.state = classifier_free_guidance(conditional, unconditional, guidance_scale)
                 return image(predict.state)
-            return classifier_free_guidance(image(conditional), image(unconditional), guidance_scale)
+            return classifier_free_guidance(image(conditional), image(unconditional, None), guidance_scale)
 
         predict.state = None
         return predict

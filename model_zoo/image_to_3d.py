@@ -141,7 +141,7 @@ def image_to_3d(model, image_path: str | os.PathLike, out_dir: str | os.PathLike
     t = stage("mesh", t)
 
     gif = turntable(model, state[0], out / "turntable.gif", frames=turntable_frames, resolution=turntable_resolution,
-                    radius=radius, elevation_deg=elevation_deg, fov_deg=fov_deg, background=colour)
+                    radius=radius, elevation_deg=elevation_deg, fov_deg=fov_deg, background=colour, context=context)
     stage("turntable", t)
     timings["total"] = time.perf_counter() - start
     if log:

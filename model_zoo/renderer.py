@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model_zoo.image_colour import ImageColour, SourceViews
 from model_zoo.rays import intersect_box, stratified_depths
 from model_zoo.representations import Representation
 
@@ -176,18 +177,22 @@ class VolumeRenderer(nn.Module):
     """Renders rays of a batch of objects: ``render_rays(state, origins, directions, background)``."""
 
     def __init__(self, representation: Representation, decoder: FieldDecoder, samples_per_ray: int = 32,
-                 box_half_size: float = 1.0):
+                 box_half_size: float = 1.0, image_colour: ImageColour | None = None):
         super().__init__()
         self.representation, self.decoder = representation, decoder
         self.samples_per_ray, self.box_half_size = samples_per_ray, box_half_size
+        self.image_colour = image_colour  # None: colour is ψ's alone (model_zoo/image_colour.py)
 
     def render_rays(self, state: torch.Tensor, origins: torch.Tensor, directions: torch.Tensor,
                     background: torch.Tensor, stratified: bool = False, generator: torch.Generator | None = None,
-                    keep_samples: bool = False, log_density_gradient: bool = False) -> RenderOutput:
+                    keep_samples: bool = False, log_density_gradient: bool = False,
+                    sources: SourceViews | None = None, exclude: torch.Tensor | None = None) -> RenderOutput:
         """state (B, *shape); origins, directions (B, N, 3) world units; background (B, 3).
 
         ``log_density_gradient``: the backward pass carries ∂/∂log σ = σ ∂/∂σ into the decoder in
-        place of ∂/∂σ (GOEmbed's ``log_density``); the forward is unchanged."""
+        place of ∂/∂σ (GOEmbed's ``log_density``); the forward is unchanged.
+        ``sources``: views the renderer's ``image_colour`` blends colour from (ignored without one);
+        ``exclude`` (B, N, V) bool: source views a ray must not read (its own view)."""
         batch, count, _ = origins.shape
         t_near, t_far, hit = intersect_box(origins, directions, self.box_half_size)
         depths, deltas = stratified_depths(t_near, t_far, self.samples_per_ray, stratified, generator)
@@ -203,14 +208,22 @@ class VolumeRenderer(nn.Module):
         density = density.reshape(batch, count, self.samples_per_ray).to(origins.dtype)
         if log_density_gradient:
             density = _LogGradient.apply(density)
+        if sources is not None and sources.count and self.image_colour is not None:
+            samples = self.samples_per_ray
+            colour = self.image_colour(
+                features, points.reshape(batch, -1, 3), directions.unsqueeze(2).expand(-1, -1, samples, -1).reshape(batch, -1, 3),
+                colour.reshape(batch, -1, 3).to(origins.dtype), sources,
+                None if exclude is None else exclude.unsqueeze(2).expand(-1, -1, samples, -1).reshape(batch, -1, exclude.shape[-1]))
         colour = colour.reshape(batch, count, self.samples_per_ray, 3).to(origins.dtype)
         rgb, opacity, depth, weights = composite(density, colour, deltas, depths, background.unsqueeze(1).to(origins.dtype))
         return RenderOutput(rgb, opacity, depth, weights if keep_samples else None, normalised if keep_samples else None)
 
     def render_rays_chunked(self, state: torch.Tensor, origins: torch.Tensor, directions: torch.Tensor,
-                            background: torch.Tensor, rays_per_chunk: int = 8192) -> RenderOutput:
+                            background: torch.Tensor, rays_per_chunk: int = 8192,
+                            sources: SourceViews | None = None) -> RenderOutput:
         """Deterministic render of many rays in chunks (whole images at evaluation time)."""
-        outputs = [self.render_rays(state, origins[:, i:i + rays_per_chunk], directions[:, i:i + rays_per_chunk], background)
+        outputs = [self.render_rays(state, origins[:, i:i + rays_per_chunk], directions[:, i:i + rays_per_chunk], background,
+                                    sources=sources)
                    for i in range(0, origins.shape[1], rays_per_chunk)]
         return RenderOutput(torch.cat([o.rgb for o in outputs], 1), torch.cat([o.opacity for o in outputs], 1),
                             torch.cat([o.depth for o in outputs], 1))
