@@ -23,7 +23,6 @@ where it is lost"). Prints one JSON line.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -36,11 +35,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from data_pipeline.reader import ReaderConfig, StreamingReader
 from data_pipeline.synthetic import generate_dataset
-from model_zoo.goembedfusion import GOEmbedFusion, ModelConfig, Views
-from model_zoo.metrics import foreground, hue, psnr
+from model_zoo.experiment import colour_follow
+from model_zoo.goembedfusion import GOEmbedFusion, ModelConfig
 from trainer.config import ConfigError, apply_override
-
-ROTATION = [2, 0, 1]  # new R, G, B = old B, R, G
 
 
 def model_config(overrides: list[str]) -> ModelConfig:
@@ -50,30 +47,6 @@ def model_config(overrides: list[str]) -> ModelConfig:
             raise ConfigError(f"only model.* overrides apply here, got {override!r}")
         apply_override(raw, override)
     return ModelConfig(**raw["model"])
-
-
-@torch.no_grad()
-def renders(model: GOEmbedFusion, batch) -> torch.Tensor:
-    model.eval()
-    context, target = Views.from_batch(batch, "context"), Views.from_batch(batch, "target")
-    images = model.render(model.reconstruct(context, batch.background), target.K, target.c2w,
-                          *target.images.shape[-2:], batch.background, context)
-    model.train()
-    return images
-
-
-def scores(model: GOEmbedFusion, batch, twin) -> dict:
-    first, second = renders(model, batch), renders(model, twin)
-    truth = batch.target_images.flatten(0, 1)
-    mask = foreground(truth, batch.background.repeat_interleave(batch.target_images.shape[1], 0))
-    pixels = mask.unsqueeze(1).expand(-1, 3, -1, -1)
-
-    def on_object(difference):
-        return float(difference.flatten(0, 1).abs()[pixels].mean())
-
-    return {"same": on_object(second - first), "follows": on_object(second - first[:, :, ROTATION]),
-            "hue": float(hue(first.flatten(0, 1), mask).mean()), "truth_hue": float(hue(truth, mask).mean()),
-            "psnr": float(psnr(first.flatten(0, 1), truth).mean())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,21 +71,8 @@ def main(argv: list[str] | None = None) -> int:
                                               context_views_max=3, target_views=2, resolution=64, num_workers=0,
                                               seed=args.seed))
         batch = next(iter(reader))
-    twin = dataclasses.replace(batch, context_images=batch.context_images[:, :, ROTATION],
-                               target_images=batch.target_images[:, :, ROTATION])
-    model = GOEmbedFusion(config)
-    model.train()
-    optimiser = torch.optim.Adam(model.parameters(), lr=args.lr)
-    generator = torch.Generator().manual_seed(args.seed)
-    curve = []
-    for step in range(1, args.steps + 1):
-        loss, _ = model((batch, twin)[step % 2], generator=generator)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        if step % args.every == 0 or step == args.steps:
-            curve.append({"step": step, **{k: round(v, 4) for k, v in scores(model, batch, twin).items()}})
-            print(f"step {step}: {curve[-1]}", file=sys.stderr, flush=True)
+    curve = colour_follow(GOEmbedFusion(config), batch, args.steps, args.every, args.lr, args.seed,
+                          report=lambda row: print(f"step {row['step']}: {row}", file=sys.stderr, flush=True))
     print(json.dumps({"bench": "colour_follow", "overrides": args.overrides, "steps": args.steps, "lr": args.lr,
                       "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - start, 1),
                       "final": curve[-1], "curve": curve}))

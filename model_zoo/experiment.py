@@ -7,7 +7,9 @@ evaluation of the deterministic reconstruction mode against a mean-colour baseli
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +17,7 @@ from tqdm import tqdm
 
 from data_pipeline.reader import ReaderConfig, StreamingReader
 from model_zoo.goembedfusion import PSNR_MSE_FLOOR, GOEmbedFusion, Views
-from model_zoo.metrics import psnr
+from model_zoo.metrics import foreground, hue, psnr
 
 
 @dataclass
@@ -122,3 +124,62 @@ def evaluate_denoising(model: GOEmbedFusion, holdout_pattern: str, t: int, conte
             break
     model.train()
     return {"psnr": sum(denoised_psnr) / len(denoised_psnr), "objects": objects, "t": t}
+
+
+# -- does the reconstruction follow the views' colours? ------------------------------------------
+ROTATION = [2, 0, 1]  # new R, G, B = old B, R, G
+
+
+def rotated(batch):
+    """The batch with R, G, B of every view rotated (a white background stays white)."""
+    return dataclasses.replace(batch, context_images=batch.context_images[:, :, ROTATION],
+                               target_images=batch.target_images[:, :, ROTATION])
+
+
+@torch.no_grad()
+def _reconstructed_targets(model: GOEmbedFusion, batch) -> torch.Tensor:
+    model.eval()
+    context, target = Views.from_batch(batch, "context"), Views.from_batch(batch, "target")
+    images = model.render(model.reconstruct(context, batch.background), target.K, target.c2w,
+                          *target.images.shape[-2:], batch.background, context)
+    model.train()
+    return images
+
+
+def colour_scores(model: GOEmbedFusion, batch, twin) -> dict[str, float]:
+    """On the true object's pixels of the target views: ``same`` = mean |render(twin) − render(batch)|,
+    ``follows`` = mean |render(twin) − rotate(render(batch))|, the renders' ``hue``, ``truth_hue``, ``psnr``."""
+    first, second = _reconstructed_targets(model, batch), _reconstructed_targets(model, twin)
+    truth = batch.target_images.flatten(0, 1)
+    mask = foreground(truth, batch.background.repeat_interleave(batch.target_images.shape[1], 0))
+    pixels = mask.unsqueeze(1).expand(-1, 3, -1, -1)
+
+    def on_object(difference):
+        return float(difference.flatten(0, 1).abs()[pixels].mean())
+
+    return {"same": on_object(second - first), "follows": on_object(second - first[:, :, ROTATION]),
+            "hue": float(hue(first.flatten(0, 1), mask).mean()), "truth_hue": float(hue(truth, mask).mean()),
+            "psnr": float(psnr(first.flatten(0, 1), truth).mean())}
+
+
+def colour_follow(model: GOEmbedFusion, batch, steps: int, every: int, lr: float = 2e-3, seed: int = 0,
+                  report: Callable[[dict], None] | None = None) -> list[dict[str, float]]:
+    """Train ``model`` (Adam) alternately on ``batch`` and its :func:`rotated` twin, which differ only
+    in colour, so fitting both needs the colour read from the context views; every ``every`` steps
+    (and at the end) a row of :func:`colour_scores`. A model that reads colour has ``follows`` well
+    below ``same``; one that paints one colouring per shape has ``same`` ≈ 0 (bench/colour_follow.py)."""
+    twin = rotated(batch)
+    model.train()
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    curve = []
+    for step in range(1, steps + 1):
+        loss, _ = model((batch, twin)[step % 2], generator=generator)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        if step % every == 0 or step == steps:
+            curve.append({"step": step, **{k: round(v, 4) for k, v in colour_scores(model, batch, twin).items()}})
+            if report is not None:
+                report(curve[-1])
+    return curve
