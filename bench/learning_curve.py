@@ -7,7 +7,8 @@ For each ``checkpoints/step_*`` (oldest first; ones already in ``--out`` are ski
 re-run while training continues): ``python -m model_zoo.export`` (EMA weights, or the trained ones
 with ``--no-ema``), then
 ``python -m model_zoo.evaluate --task both --context-views 3 --resolution 64 --features random``
-— PSNR/SSIM from 3 views and unconditional FID/KID (DDIM, ``--steps``) with the random-feature extractor (comparable
+— PSNR/SSIM from 3 views and unconditional FID/KID (DDIM, ``--steps``; conditioned on
+``--generation-context-views`` views if given) with the random-feature extractor (comparable
 only with each other, never with published numbers). One JSON line per checkpoint, and a PNG of
 the curves beside ``--out``.
 """
@@ -29,7 +30,8 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in (run_dir / "checkpoints").glob("step_*") if (p / "MANIFEST.json").exists())
 
 
-def evaluate(checkpoint: Path, data: str, steps: int, max_objects: int | None, ema: bool) -> dict:
+def evaluate(checkpoint: Path, data: str, steps: int, max_objects: int | None, ema: bool,
+             generation_context_views: int = 0) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         export = os.path.join(tmp, "export")
         subprocess.run([sys.executable, "-m", "model_zoo.export", str(checkpoint), export] + ([] if ema else ["--no-ema"]),
@@ -37,7 +39,7 @@ def evaluate(checkpoint: Path, data: str, steps: int, max_objects: int | None, e
         out = os.path.join(tmp, "results.json")
         command = [sys.executable, "-m", "model_zoo.evaluate", "--model", export, "--data", data, "--task", "both",
                    "--context-views", "3", "--resolution", "64", "--features", "random", "--sampler", "ddim", "--steps", str(steps),
-                   "--out", out]
+                   "--generation-context-views", str(generation_context_views), "--out", out]
         if max_objects:
             command += ["--max-objects", str(max_objects)]
         subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -46,7 +48,8 @@ def evaluate(checkpoint: Path, data: str, steps: int, max_objects: int | None, e
     rec, gen = results["reconstruction"], results["generation"]
     return {"step": int(checkpoint.name.split("_")[1]), "psnr": rec["psnr"], "ssim": rec["ssim"], "hue": rec["hue"],
             "truth_hue": rec["truth_hue"], "fid": gen["fid"],
-            "kid": gen["kid"], "objects": rec["objects"], "sampler": "ddim", "sampler_steps": steps, "weights": "ema" if ema else "trained"}
+            "kid": gen["kid"], "generation_context_views": generation_context_views, "objects": rec["objects"],
+            "sampler": "ddim", "sampler_steps": steps, "weights": "ema" if ema else "trained"}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -76,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="sampler steps for generation")
     parser.add_argument("--max-objects", type=int, default=None)
     parser.add_argument("--every", type=int, default=1, help="only checkpoints whose step is a multiple of this")
+    parser.add_argument("--generation-context-views", type=int, default=0,
+                        help="context views the generated samples are conditioned on (default 0: unconditional FID/KID)")
     parser.add_argument("--no-ema", action="store_true",
                         help="the trained weights, not the EMA (an EMA of decay d still holds d^step of the initial weights)")
     args = parser.parse_args(argv)
@@ -87,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         step = int(checkpoint.name.split("_")[1])
         if step in done or step % args.every:
             continue
-        row = evaluate(checkpoint, args.data, args.steps, args.max_objects, ema=not args.no_ema)
+        row = evaluate(checkpoint, args.data, args.steps, args.max_objects, ema=not args.no_ema,
+                       generation_context_views=args.generation_context_views)
         print(json.dumps(row), flush=True)
         rows.append(row)
         with open(out, "a") as f:

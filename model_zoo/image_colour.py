@@ -91,12 +91,15 @@ class ImageColour(nn.Module):
         seen = sample_images(sources.images, uv)  # (B, V, M, 3)
         to_point = points.unsqueeze(1) - sources.c2w[..., None, :3, 3]
         cosine = (F.normalize(to_point, dim=-1) * directions.unsqueeze(1)).sum(-1, keepdim=True)
-        per_view = torch.cat([features.unsqueeze(1).expand(-1, seen.shape[1], -1, -1).to(seen.dtype), seen, cosine], -1)
+        # The MLP runs in its weights' dtype (bf16 for a bf16 export); weights and blending in fp32 at least.
+        dtype = self.score.weight.dtype
+        per_view = torch.cat([features.unsqueeze(1).expand(-1, seen.shape[1], -1, -1).to(dtype), seen.to(dtype),
+                              cosine.to(dtype)], -1)
         hidden = self.view(per_view)  # (B, V, M, H)
         # A finite "minus infinity": a point no view sees gets uniform weights, zeroed below, and no NaN.
-        scores = self.score(hidden)[..., 0].masked_fill(~valid, -1e4)
+        scores = self.score(hidden)[..., 0].to(seen.dtype).masked_fill(~valid, -1e4)
         weights = torch.softmax(scores, dim=1) * valid
         blended = (weights.unsqueeze(-1) * seen).sum(1)
-        pooled = (weights.unsqueeze(-1) * hidden).sum(1)
-        alpha = torch.sigmoid(self.mix(pooled)) * valid.any(1, keepdim=True).transpose(1, 2).to(seen.dtype)
-        return (1 - alpha) * colour + alpha * blended.to(colour.dtype)
+        pooled = (weights.unsqueeze(-1).to(dtype) * hidden).sum(1)
+        alpha = torch.sigmoid(self.mix(pooled).to(seen.dtype)) * valid.any(1, keepdim=True).transpose(1, 2).to(seen.dtype)
+        return ((1 - alpha) * colour + alpha * blended).to(colour.dtype)

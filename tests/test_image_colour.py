@@ -125,3 +125,28 @@ def test_with_image_colour_the_reconstruction_follows_the_views_colours(tmp_path
     final = colour_follow(model, batch, steps=100, every=100)[-1]
     assert final["follows"] < 0.3 * final["same"], final
     assert final["hue"] > 0.02, final
+
+
+def test_it_trains_under_bf16_autocast_renders_in_bf16_weights_and_samples_with_guidance(tmp_path):
+    summary = generate_dataset(str(tmp_path), objects=4, views=6, resolution=32, seed=2, holdout_fraction=0.0,
+                               workers=1, progress=False)
+    batch = next(iter(StreamingReader(ReaderConfig(summary["train_pattern"], batch_size=2, context_views_min=2,
+                                                   context_views_max=2, target_views=2, num_workers=0))))
+    torch.manual_seed(0)
+    model = GOEmbedFusion(ModelConfig(encode_resolution=16, rays_per_view=32, image_colour=True))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = model(batch, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert sum(float(p.grad.abs().sum()) for p in model.renderer.image_colour.parameters()) > 0
+    model.eval()
+    context = Views.from_batch(batch, "context")
+    K16 = batch.target_K[:, 0] * torch.tensor([0.5, 0.5, 1.0]).view(3, 1)
+    with torch.no_grad():
+        state = model.sample(K16, batch.target_c2w[:, 0], batch.background, context=context, steps=2,
+                             guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(state).all()
+        half = model.to(torch.bfloat16)
+        images = half.render(state.to(torch.bfloat16), batch.target_K.to(torch.bfloat16), batch.target_c2w.to(torch.bfloat16),
+                             16, 16, batch.background.to(torch.bfloat16), context.to(torch.bfloat16))
+    assert images.dtype == torch.bfloat16 and torch.isfinite(images.float()).all()
