@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         after = json.load(f)
     for metric in ("psnr", "ssim"):
         d = paired(before, after, metric)
-        print(f"{metric}: {after['reconstruction'][metric]:.4f} vs {before['reconstruction'][metric]:.4f}  "
-              f"paired diff {d['mean']:+.4f} [95% {d['low']:+.4f}, {d['high']:+.4f}] over {d['objects']} objects")
+        print(f"{metric}: after {after['reconstruction'][metric]:.4f}, before {before['reconstruction'][metric]:.4f}; "
+              f"after − before {d['mean']:+.4f} [95% {d['low']:+.4f}, {d['high']:+.4f}] over {d['objects']} objects")
     return 0
 
 
