@@ -33,9 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # not bench/data_pipeline.py
 
-from data_pipeline.reader import ReaderConfig, StreamingReader
-from data_pipeline.synthetic import generate_dataset
-from model_zoo.experiment import colour_follow
+from model_zoo.experiment import colour_follow, colour_follow_batch
 from model_zoo.goembedfusion import GOEmbedFusion, ModelConfig
 from trainer.config import ConfigError, apply_override
 
@@ -65,12 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="colour-follow-") as work:
-        summary = generate_dataset(work, objects=8, views=8, resolution=64, seed=args.seed, holdout_fraction=0.0,
-                                   workers=1, progress=False)
-        reader = StreamingReader(ReaderConfig(summary["train_pattern"], batch_size=4, context_views_min=3,
-                                              context_views_max=3, target_views=2, resolution=64, num_workers=0,
-                                              seed=args.seed))
-        batch = next(iter(reader))
+        batch = colour_follow_batch(work, args.seed)
     curve = colour_follow(GOEmbedFusion(config), batch, args.steps, args.every, args.lr, args.seed,
                           report=lambda row: print(f"step {row['step']}: {row}", file=sys.stderr, flush=True))
     print(json.dumps({"bench": "colour_follow", "overrides": args.overrides, "steps": args.steps, "lr": args.lr,

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from data_pipeline.reader import ReaderConfig, StreamingReader
+from data_pipeline.synthetic import generate_dataset
 from model_zoo.goembedfusion import PSNR_MSE_FLOOR, GOEmbedFusion, Views
 from model_zoo.metrics import foreground, hue, psnr
 
@@ -128,6 +129,17 @@ def evaluate_denoising(model: GOEmbedFusion, holdout_pattern: str, t: int, conte
 
 # -- does the reconstruction follow the views' colours? ------------------------------------------
 ROTATION = [2, 0, 1]  # new R, G, B = old B, R, G
+
+
+def colour_follow_batch(directory: str, seed: int = 0):
+    """The batch ``colour_follow`` is measured on: 4 synthetic objects (written under ``directory``),
+    3 context views and 2 targets at 64 px. One definition, so bench/colour_follow.py and the
+    learning test in tests/test_image_colour.py measure the same thing."""
+    summary = generate_dataset(directory, objects=8, views=8, resolution=64, seed=seed, holdout_fraction=0.0,
+                               workers=1, progress=False)
+    return next(iter(StreamingReader(ReaderConfig(summary["train_pattern"], batch_size=4, context_views_min=3,
+                                                  context_views_max=3, target_views=2, resolution=64, num_workers=0,
+                                                  seed=seed))))
 
 
 def rotated(batch):
