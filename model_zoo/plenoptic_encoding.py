@@ -1,7 +1,7 @@
 """The Plenoptic-Encoding experiment, in miniature: how much does each encoder tell a network?
 
     python -m model_zoo.plenoptic_encoding --quick [--out results.json]     # < 15 min on 2 CPU cores
-    python -m model_zoo.plenoptic_encoding --full  [--out results.json]     # 3 seeds, 96 held-out objects, 1000 steps
+    python -m model_zoo.plenoptic_encoding --full  [--out results.json] [--jobs 2]  # 3 seeds, 96 held-out objects, 1000 steps
 
 For each representation (triplane, voxel grid, per-object MLP) the same network — the preset's
 denoiser as a reconstruction network, plus the field decoder ψ — is trained from scratch to
@@ -19,6 +19,12 @@ dataset. Comparisons are paired per object: for every GOEmbed row against unproj
 against zeros of the same representation, the mean of the per-object PSNR differences (a − b,
 each object's difference averaged over seeds first) with a two-sided 95% Student-t interval over
 objects. Prints one JSON document: ``rows`` and ``comparisons``.
+
+Every (row, seed) is an independent training run, deterministic given its seed (one torch thread
+each), so ``--jobs N`` runs N of them at once in separate processes with the same results as one
+at a time. With ``--out``, each finished run is also appended to ``<out>.runs.jsonl``; a rerun with
+the same settings reads it and trains only what is missing, so a crash or a killed job loses at
+most the runs in flight.
 """
 
 from __future__ import annotations
@@ -26,10 +32,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import torch
@@ -77,11 +85,22 @@ FULL = QUICK + [goembed("triplane", "learned origin"), goembed("voxel", "learned
                 goembed("triplane", normalisation="views"), goembed("triplane", normalisation="sum")]
 
 
-def run_one(run: Run, train: str, holdout: str, steps: int, seed: int, resolution: int, heldout: int) -> dict:
+def relative_cost(run: Run) -> float:
+    """Seconds per step of the run's kind in the README's --quick table (rounded): used only to start
+    the longest runs first, so parallel jobs finish together."""
+    if run.encoder != "goembed":
+        return 0.1 if run.encoder == "zeros" or run.representation == "triplane" else 0.25
+    if run.variant == "positional psi":
+        return 0.7
+    return {"triplane": 0.3, "voxel": 0.35, "mlp": 0.45}[run.representation]
+
+
+def run_one(run: Run, train: str, holdout: str, steps: int, seed: int, resolution: int, heldout: int,
+            progress: bool = True) -> dict:
     torch.manual_seed(seed)
     model = GOEmbedFusion(run.model_config(resolution))
     start = time.perf_counter()
-    history = fit(model, train, FitConfig(steps=steps, lr=2e-3, seed=seed), progress=True)
+    history = fit(model, train, FitConfig(steps=steps, lr=2e-3, seed=seed), progress=progress)
     seconds = time.perf_counter() - start
     scores = evaluate_novel_views(model, holdout, context_views=3, max_objects=heldout, seed=seed)
     last = history[-10:]
@@ -119,6 +138,58 @@ def compare(runs: list[Run], per_object: dict[Run, dict[str, list[float]]], seed
     return comparisons
 
 
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _run_task(run: Run, seed: int, settings: dict, train: str, holdout: str) -> tuple[Run, int, dict]:
+    result = run_one(run, train, holdout, settings["steps"], seed, settings["encode_resolution"],
+                     settings["heldout"], progress=False)
+    return run, seed, result
+
+
+def run_all(tasks: list[tuple[Run, int]], settings: dict, train: str, holdout: str, jobs: int, threads: int,
+            journal: str | None) -> dict[tuple[Run, int], dict]:
+    """Train and score every (row, seed), ``jobs`` at a time; ``journal`` keeps finished ones across reruns."""
+    done: dict[tuple[Run, int], dict] = {}
+    if journal and os.path.exists(journal):
+        wanted = {(json.dumps(run.key(), sort_keys=True), seed): (run, seed) for run, seed in tasks}
+        with open(journal) as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a crash mid-write
+                    continue
+                task = wanted.get((json.dumps(entry["run"], sort_keys=True), entry["seed"]))
+                if task and entry["settings"] == settings:
+                    done[task] = entry["result"]
+        if done:
+            print(f"{journal}: {len(done)} of {len(tasks)} runs already done", file=sys.stderr, flush=True)
+
+    def record(run: Run, seed: int, result: dict) -> None:
+        done[(run, seed)] = result
+        print(json.dumps({"finished": {**run.key(), "seed": seed}, "psnr": round(result["psnr"], 2),
+                          "seconds": round(result["seconds"], 1), "done": f"{len(done)}/{len(tasks)}"}),
+              file=sys.stderr, flush=True)
+        if journal:
+            with open(journal, "a") as f:
+                f.write(json.dumps({"settings": settings, "run": run.key(), "seed": seed, "result": result}) + "\n")
+
+    todo = sorted((t for t in tasks if t not in done), key=lambda t: -relative_cost(t[0]))  # longest first
+    if jobs <= 1:
+        for run, seed in todo:
+            record(run, seed, run_one(run, train, holdout, settings["steps"], seed, settings["encode_resolution"],
+                                      settings["heldout"]))
+        return done
+    # spawn, not fork: a forked child of a process that has used torch's thread pool can hang.
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                             initargs=(threads,)) as pool:
+        futures = [pool.submit(_run_task, run, seed, settings, train, holdout) for run, seed in todo]
+        for future in as_completed(futures):
+            record(*future.result())
+    return done
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
@@ -128,10 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=None, help="seeds per run (overrides the mode)")
     parser.add_argument("--heldout", type=int, default=None, help="held-out objects scored (overrides the mode)")
     parser.add_argument("--resolution", type=int, default=32, help="image width in pixels (default %(default)s)")
-    parser.add_argument("--encode-resolution", type=int, default=None,
-                        help="views are resized to this width for every encoder (default 16 with --quick, else 32)")
+    parser.add_argument("--encode-resolution", type=int, default=16,
+                        help="views are resized to this width for every encoder (default %(default)s)")
     parser.add_argument("--data", default=None, help="directory of synthetic shards (default: a fresh temporary one)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: tiny ops on few cores)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads per run (default 1: tiny ops on few cores)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained at once, each in its own process (default 1; use the core count / --threads)")
     parser.add_argument("--out", default=None, help="also write the JSON document here")
     args = parser.parse_args(argv)
     full = args.full
@@ -139,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = args.seeds or (3 if full else 1)
     heldout = args.heldout or (96 if full else 32)
     runs = FULL if full else QUICK
-    encode_resolution = args.encode_resolution or (32 if full else 16)
+    encode_resolution = args.encode_resolution
     torch.set_num_threads(args.threads)
 
     start = time.perf_counter()
@@ -149,9 +223,14 @@ def main(argv: list[str] | None = None) -> int:
         generate_dataset(data, objects=objects, views=16, resolution=args.resolution, seed=1,
                          holdout_fraction=0.125, progress=False)
     train, holdout = os.path.join(data, "train-*.tar"), os.path.join(data, "holdout-*.tar")
+    settings = {"steps": steps, "heldout": heldout, "encode_resolution": encode_resolution,
+                "resolution": args.resolution, "objects": objects}
+    journal = args.out + ".runs.jsonl" if args.out else None
+    finished = run_all([(run, seed) for run in runs for seed in range(seeds)], settings, train, holdout,
+                       args.jobs, args.threads, journal)
     rows, per_object = [], {}
     for run in runs:
-        results = [run_one(run, train, holdout, steps, seed, encode_resolution, heldout) for seed in range(seeds)]
+        results = [finished[(run, seed)] for seed in range(seeds)]
         per_object[run] = {}
         for result in results:
             for obj, value in result["per_object"].items():
