@@ -48,7 +48,7 @@ def evaluate(checkpoint: Path, data: str, steps: int, max_objects: int | None, e
     rec, gen = results["reconstruction"], results["generation"]
     return {"step": int(checkpoint.name.split("_")[1]), "psnr": rec["psnr"], "ssim": rec["ssim"], "hue": rec["hue"],
             "truth_hue": rec["truth_hue"], "fid": gen["fid"],
-            "kid": gen["kid"], "generation_context_views": generation_context_views, "objects": rec["objects"],
+            "kid": gen["kid"], "generation_hue": gen["hue"], "generation_truth_hue": gen["truth_hue"], "generation_context_views": generation_context_views, "objects": rec["objects"],
             "sampler": "ddim", "sampler_steps": steps, "weights": "ema" if ema else "trained"}
 
 

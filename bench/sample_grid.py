@@ -36,12 +36,13 @@ def rows(model, data: str, objects: int, resolution: int, steps: int, sampler: s
         bg = background[None]
         scale = torch.tensor([sample_width / resolution, sample_width / resolution, 1.0]).view(3, 1)
         generator = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
-        states = [(model.reconstruct(context, bg), context)]
+        states = [(model.reconstruct(context, bg), model.sources(context))]
         for condition in (context, None):
-            states.append((model.sample(K[view][None] * scale, c2w[view][None], bg, context=condition, steps=steps,
-                                        sampler=sampler, generator=generator), condition))
-        renders = [model.render(s, K[view][None, None], c2w[view][None, None], resolution, resolution, bg, views)[0, 0]
-                   for s, views in states]
+            states.append(model.sample(K[view][None] * scale, c2w[view][None], bg, context=condition, steps=steps,
+                                       sampler=sampler, generator=generator, return_sources=True))
+        renders = [model.render(s, K[view][None, None], c2w[view][None, None], resolution, resolution, bg,
+                                sources=sources)[0, 0]
+                   for s, sources in states]
         out.append([*images[ctx], images[view], *renders])
         if len(out) == objects:
             break

@@ -45,11 +45,12 @@ def _param(model) -> torch.Tensor:
 @torch.no_grad()
 def render_turntable(model, state: torch.Tensor, frames: int = 36, resolution: int | None = None,
                      radius: float | None = None, elevation_deg: float = 20.0, fov_deg: float = DEFAULT_FOV_DEG,
-                     background=(1.0, 1.0, 1.0), context=None) -> torch.Tensor:
+                     background=(1.0, 1.0, 1.0), context=None, sources=None) -> torch.Tensor:
     """Frames (N, 3, H, W) in [0, 1] of one state from :func:`data_pipeline.cameras.turntable_cameras`.
 
     ``context``: the views (one object's ``Views``) the state came from, for a model with
-    ``image_colour`` (its renders also take colour from them)."""
+    ``image_colour`` (its renders also take colour from them); ``sources``: in its place, what
+    ``model.sample(…, return_sources=True)`` returned with the state."""
     state = _batched(model, state)
     if state.shape[0] != 1:
         raise ValueError(f"one object at a time: state has batch size {state.shape[0]}")
@@ -61,19 +62,20 @@ def render_turntable(model, state: torch.Tensor, frames: int = 36, resolution: i
     images = []
     for start in range(0, frames, 8):  # a few views per call keeps memory flat for long turntables
         images.append(model.render(state, K[None, start:start + 8].to(device), c2w[None, start:start + 8].to(device),
-                                   resolution, resolution, bg, context)[0].float().cpu())
+                                   resolution, resolution, bg, context, sources)[0].float().cpu())
     return torch.cat(images)
 
 
 def turntable(model, state: torch.Tensor, path_gif: str | os.PathLike, frames: int = 36, resolution: int | None = None,
               radius: float | None = None, elevation_deg: float = 20.0, fov_deg: float = DEFAULT_FOV_DEG,
-              background=(1.0, 1.0, 1.0), fps: float = 12, context=None) -> str:
+              background=(1.0, 1.0, 1.0), fps: float = 12, context=None, sources=None) -> str:
     """Render ``frames`` views around the world z axis and write them as a looping GIF.
 
     Defaults: resolution max(64, encode_resolution) px, radius 2.6 × the box half-size, 20°
     elevation, 50° field of view, white background. Returns the path written.
     """
-    images = render_turntable(model, state, frames, resolution, radius, elevation_deg, fov_deg, background, context)
+    images = render_turntable(model, state, frames, resolution, radius, elevation_deg, fov_deg, background, context,
+                              sources)
     save_turntable_gif(path_gif, images, fps=fps)
     return str(path_gif)
 

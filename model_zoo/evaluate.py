@@ -196,7 +196,7 @@ def evaluate_generation(model: GOEmbedFusion, pattern: str, features: FeatureExt
     extractor = build_feature_extractor(features, seed=seed) if isinstance(features, str) else features
     extractor = extractor.to(device)
     sample_resolution = sample_resolution or model.config.encode_resolution
-    local: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
+    local: dict[str, tuple[np.ndarray, np.ndarray, float, float, float]] = {}
     used_views = None
     for object_id, images, K, c2w, background in iter_objects(pattern, resolution, max_objects, 4, num_workers,
                                                               storage_options, progress, desc="generation"):
@@ -215,13 +215,19 @@ def evaluate_generation(model: GOEmbedFusion, pattern: str, features: FeatureExt
         # One generator per object, not per batch: the sample then does not depend on which rank
         # drew the object or what else was in its batch.
         generator = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
-        state = model.sample(K[views[0]][None] * scale, c2w[views[0]][None], background[None], context=context,
-                             steps=steps, guidance_scale=guidance_scale, resolution=sample_resolution,
-                             generator=generator, sampler=sampler, guidance_on=guidance_on)
-        fake = model.render(state, K[views][None], c2w[views][None], height, width, background[None], context)[0]
+        state, sources = model.sample(K[views[0]][None] * scale, c2w[views[0]][None], background[None], context=context,
+                                      steps=steps, guidance_scale=guidance_scale, resolution=sample_resolution,
+                                      generator=generator, sampler=sampler, guidance_on=guidance_on,
+                                      return_sources=True)
+        fake = model.render(state, K[views][None], c2w[views][None], height, width, background[None],
+                            sources=sources)[0]
         # PSNR to the object's own views: for conditional samples, how faithful they are to it.
         fidelity = float(psnr(fake.float(), images[views]).mean())
-        local[object_id] = (extractor(images[views]).cpu().numpy(), extractor(fake).cpu().numpy(), fidelity)
+        # How colourful a sample is where it has an object (its own foreground), beside the real views.
+        bg = background.expand(count, 3)
+        colourful = (float(hue(fake.float(), foreground(fake, bg)).nanmean()),
+                     float(hue(images[views].float(), foreground(images[views], bg)).nanmean()))
+        local[object_id] = (extractor(images[views]).cpu().numpy(), extractor(fake).cpu().numpy(), fidelity, *colourful)
     results = _gather(local)
     if not results:
         raise ValueError(f"no objects evaluated from {pattern}")
@@ -241,7 +247,10 @@ def evaluate_generation(model: GOEmbedFusion, pattern: str, features: FeatureExt
         "sample_resolution": sample_resolution, "resolution": resolution, "features": extractor.name,
         "fid": fid_from_features(real, generated), "kid": kid_mean, "kid_std": kid_std,
         # Mean PSNR of the renders to the true views; meaningful for conditional samples only.
-        "psnr_to_object": float(np.mean([results[key][2] for key in keys])), "notes": notes,
+        "psnr_to_object": float(np.mean([results[key][2] for key in keys])),
+        # metrics.hue of the samples on their own foreground and of the real views on theirs.
+        "hue": float(np.nanmean([results[key][3] for key in keys])),
+        "truth_hue": float(np.nanmean([results[key][4] for key in keys])), "notes": notes,
     }
 
 
@@ -284,7 +293,7 @@ def format_table(results: dict) -> str:
     for task, values in results.items():
         if not isinstance(values, dict):
             continue
-        names = ("psnr", "ssim", "lpips", "hue", "truth_hue") if task == "reconstruction" else ("fid", "kid", "kid_std")
+        names = ("psnr", "ssim", "lpips", "hue", "truth_hue") if task == "reconstruction" else ("fid", "kid", "kid_std", "hue", "truth_hue")
         cells = [f"{name}={values[name]:.4f}" if isinstance(values[name], float) else f"{name}={values[name]}"
                  for name in names]
         rows.append(f"{task:<15} objects={values['objects']:<5} " + "  ".join(cells))

@@ -40,7 +40,7 @@ from torch import nn
 from model_zoo.diffusion import CosineSchedule, classifier_free_guidance
 from model_zoo.encodings import unprojection
 from model_zoo.goembed import METHODS, NORMALISATIONS, RayBatch, goembed
-from model_zoo.image_colour import ImageColour, SourceViews
+from model_zoo.image_colour import ImageColour, Sources, SourceViews
 from model_zoo.metrics import psnr_from_mse
 from model_zoo.presets import PRESETS, get_preset
 from model_zoo.lpips import LPIPS
@@ -125,11 +125,22 @@ class ModelConfig:
     image_colour: bool = Field(False, description=(
         "also colour every rendered point from the clean context views it projects into (pixel-aligned, "
         "as pixelNeRF / IBRNet / DFM; model_zoo/image_colour.py); density stays ζ̂'s"))
+    image_colour_noisy_target: bool = Field(False, description=(
+        "image_colour also reads the noisy target x_t, told its noise level (DFM's x̂₀ path from x_t; "
+        "a generated sample is then coloured by the view the sampler made); needs image_colour"))
+    image_colour_levels: int = Field(1, ge=1, description=(
+        "image_colour reads each view at this many box-filtered scales (1, 2, 4, ... px) and mixes them per view"))
 
     @pydantic.model_validator(mode="after")
     def _lpips_weights(self):
         if self.lpips_weight > 0 and not self.lpips_weights_path:
             raise ValueError("lpips_weights_path is required when lpips_weight > 0 (weights are never downloaded)")
+        return self
+
+    @pydantic.model_validator(mode="after")
+    def _image_colour_options(self):
+        if not self.image_colour and (self.image_colour_noisy_target or self.image_colour_levels != 1):
+            raise ValueError("image_colour_noisy_target and image_colour_levels need image_colour: true")
         return self
 
 
@@ -194,7 +205,8 @@ class GOEmbedFusion(nn.Module):
             representation = build_representation(kind, channels=preset.triplane_channels, hidden=config.mlp_hidden)
         decoder = FieldDecoder(representation.feature_dim, preset.decoder_hidden, preset.decoder_layers,
                                origin_density=config.origin_density, point_frequencies=config.decoder_point_frequencies)
-        image_colour = ImageColour(representation.feature_dim, preset.decoder_hidden) if config.image_colour else None
+        image_colour = ImageColour(representation.feature_dim, preset.decoder_hidden, levels=config.image_colour_levels,
+                                   noise_aware=config.image_colour_noisy_target) if config.image_colour else None
         self.renderer = VolumeRenderer(representation, decoder, config.samples_per_ray or preset.samples_per_ray,
                                        config.box_half_size, image_colour)
         denoiser_config = preset.denoiser_config(kind)
@@ -297,22 +309,36 @@ class GOEmbedFusion(nn.Module):
         return self.denoiser(encoding, t, cond)
 
     def render(self, state: torch.Tensor, K: torch.Tensor, c2w: torch.Tensor, height: int, width: int,
-               background: torch.Tensor, context: Views | None = None) -> torch.Tensor:
+               background: torch.Tensor, context: Views | None = None, sources: Sources | None = None) -> torch.Tensor:
         """Whole images (B, V, 3, H, W) of ζ from any cameras (deterministic sample positions).
 
         ``context``: the clean views ζ was reconstructed or sampled from; with ``image_colour`` the
-        render also takes colour from them (without, or for an unconditional ζ, ψ's colour alone)."""
+        render also takes colour from them (without, or for an unconditional ζ, ψ's colour alone).
+        ``sources`` (in place of ``context``): what ``image_colour`` reads, as ``sample`` returns it."""
         batch, count = K.shape[:2]
         origins, directions = view_rays(K, c2w, height, width)
+        sources = self.sources(context) if sources is None else sources
         out = self.renderer.render_rays_chunked(state, origins.reshape(batch, -1, 3), directions.reshape(batch, -1, 3),
-                                                background, sources=self.sources(context))
+                                                background, sources=sources)
         return out.rgb.reshape(batch, count, height, width, 3).permute(0, 1, 4, 2, 3)
 
-    def sources(self, context: Views | None, weights: torch.Tensor | None = None) -> SourceViews | None:
-        """The views ``image_colour`` reads (None without it or without views); weights (B, V) drop views."""
-        if not self.config.image_colour or context is None or context.count == 0:
+    def sources(self, context: Views | None, weights: torch.Tensor | None = None, noisy: Views | None = None,
+                noisy_weights: torch.Tensor | None = None, t: torch.Tensor | None = None) -> list[SourceViews] | None:
+        """The views ``image_colour`` reads (None without it or without views); weights (B, V) drop views.
+
+        With ``image_colour_noisy_target``, also ``noisy`` (x_t as a view in [0, 1]) at noise level
+        √(1−ᾱ_t) for t (B,), or a clean generated view when t is None."""
+        if not self.config.image_colour:
             return None
-        return SourceViews(context.images, context.K, context.c2w, weights)
+        groups = []
+        if context is not None and context.count:
+            groups.append(SourceViews(context.images, context.K, context.c2w, weights))
+        if self.config.image_colour_noisy_target and noisy is not None and noisy.count:
+            levels = None
+            if t is not None:
+                levels = (1 - self.schedule.alpha_bar(t, noisy.images.device)).sqrt().unsqueeze(1).expand(-1, noisy.count)
+            groups.append(SourceViews(noisy.images, noisy.K, noisy.c2w, noisy_weights, levels))
+        return groups or None
 
     # -- training ------------------------------------------------------------------------------
     def noisy_target(self, target: Views, t: torch.Tensor, noise: torch.Tensor) -> Views:
@@ -371,7 +397,8 @@ class GOEmbedFusion(nn.Module):
         mark("denoise")
 
         # Every target view: the noised one and those never encoded (held out from the encoder).
-        sources = self.sources(context, keep_context.unsqueeze(1).expand(-1, context.count))
+        sources = self.sources(context, keep_context.unsqueeze(1).expand(-1, context.count), noisy,
+                               (~reconstruction).to(dtype).unsqueeze(1), t)
         target_mse = self._render_loss(state, targets, batch.background, generator, sources)
         metrics = {"target_mse": target_mse.detach(), "t_mean": t.float().mean(),
                    "psnr_target": psnr_from_mse(target_mse.detach(), mse_floor=PSNR_MSE_FLOOR), **encode_stats}
@@ -389,7 +416,7 @@ class GOEmbedFusion(nn.Module):
         metrics["loss"] = loss.detach()
         return loss, metrics
     def _lpips_loss(self, state: torch.Tensor, batch, generator: torch.Generator | None,
-                    sources: SourceViews | None = None) -> torch.Tensor:
+                    sources: Sources | None = None) -> torch.Tensor:
         """LPIPS between a rendered square patch of the first target view and the same pixels."""
         images = batch.target_images[:, :1]
         batch_size, _, _, height, width = images.shape
@@ -404,10 +431,10 @@ class GOEmbedFusion(nn.Module):
         return self.lpips(rendered, truth.to(rendered.dtype)).mean()
 
     def _render_loss(self, state: torch.Tensor, views: Views, background: torch.Tensor,
-                     generator: torch.Generator | None, sources: SourceViews | None = None,
+                     generator: torch.Generator | None, sources: Sources | None = None,
                      own_views: bool = False) -> torch.Tensor:
         """MSE of ``rays_per_view`` random pixels of every view; ``own_views``: ``views`` are the
-        sources themselves, so each view's rays are kept from reading their own view."""
+        first source group, so each view's rays are kept from reading their own view."""
         batch, count = views.images.shape[:2]
         height, width = views.images.shape[-2:]
         indices = random_pixel_indices(batch, count, height, width, self.rays_per_view, generator,
@@ -452,7 +479,8 @@ class GOEmbedFusion(nn.Module):
             noisy = Views(((x_t + 1) / 2).unsqueeze(1), K, c2w)
 
             def image(state, views=context):
-                return self.render(state, K, c2w, height, width, background, views)[:, 0] * 2 - 1
+                sources = self.sources(views, noisy=noisy, t=t)
+                return self.render(state, K, c2w, height, width, background, sources=sources)[:, 0] * 2 - 1
 
             conditional = self.denoise(self.condition(context, noisy, background), t)
             predict.state = conditional
@@ -471,14 +499,17 @@ class GOEmbedFusion(nn.Module):
     def sample(self, target_K: torch.Tensor, target_c2w: torch.Tensor, background: torch.Tensor,
                context: Views | None = None, steps: int = 50, guidance_scale: float = 1.0,
                resolution: int | None = None, generator: torch.Generator | None = None,
-               sampler: str = "dpmpp_2m", guidance_on: GuidanceOn = "x0", callback: Callback | None = None) -> torch.Tensor:
+               sampler: str = "dpmpp_2m", guidance_on: GuidanceOn = "x0", callback: Callback | None = None,
+               return_sources: bool = False):
         """A 3D sample ζ (B, *state_shape) by ``sampler`` (see model_zoo.samplers) over an image at one
         target camera per object; ``steps`` timesteps evenly spaced from T−1 to 0.
 
         target_K (B, 3, 3) is for an image of width ``resolution`` (default: encode_resolution) and
         square pixels; x_T is standard normal at that size, the noise level training showed the
         encoder at t = T−1. ``callback`` is called after every step (see model_zoo.samplers).
-        The result renders from any camera.
+        The result renders from any camera. ``return_sources``: (ζ, sources), where sources is what
+        ``render(…, sources=)`` must read to colour the sample as the model made it: the context
+        views and, with ``image_colour_noisy_target``, the image the sampler made.
         """
         width = height = resolution or self.config.encode_resolution  # square, like the training renders
         batch = target_K.shape[0]
@@ -486,8 +517,11 @@ class GOEmbedFusion(nn.Module):
         draw = generator.device if generator is not None else device
         noise = torch.randn(batch, 3, height, width, generator=generator, device=draw).to(device)
         model = self.x0_predictor(target_K, target_c2w, background, context, guidance_scale, guidance_on)
-        get_sampler(sampler)(model, noise, self.schedule.ddim_timesteps(steps), self.schedule, callback=callback)
-        return model.state
+        image = get_sampler(sampler)(model, noise, self.schedule.ddim_timesteps(steps), self.schedule, callback=callback)
+        if not return_sources:
+            return model.state
+        made = Views(((image.float().clamp(-1, 1) + 1) / 2).unsqueeze(1), target_K.unsqueeze(1), target_c2w.unsqueeze(1))
+        return model.state, self.sources(context, noisy=made)
 
     def describe(self) -> dict:
         return {"config": asdict(self.config), "parameters": sum(p.numel() for p in self.parameters()),

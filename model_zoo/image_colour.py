@@ -20,10 +20,19 @@ with features projected from its context views. This module is the smallest form
 
 Density stays ψ's alone: the geometry still comes from ζ̂ only. GOEmbed never uses this (its
 origin render has no sources), so the encoder and its closed form are unchanged.
+
+With ``noise_aware`` (``ModelConfig.image_colour_noisy_target``) a source may be noisy — the
+diffusion's x_t at the target camera — and every view carries its noise level √(1−ᾱ_t) (0 for a
+clean view) into the MLP. A noisy pixel alone is not a colour estimate (a per-pixel denoiser of
+white noise gives colour speckle), so each view is also read from a pyramid of ``levels``
+box-filtered copies (1, 2, 4, … pixels wide) and the MLP picks, per view, a softmax mixture of
+the levels: a learned, noise-dependent low-pass filter. This is the x̂₀ "skip" path DFM has
+through its 2D feature network on x_t, and which rendering ζ̂ alone lacks (ζ̂ carries no colour).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,16 +43,33 @@ from torch import nn
 @dataclass
 class SourceViews:
     """Posed views to take colour from: images (B, V, 3, H, W) in [0, 1], K (B, V, 3, 3), c2w (B, V, 4, 4),
-    and ``weights`` (B, V), 0 for a view that must not be read (e.g. context dropout); None: all read."""
+    ``weights`` (B, V), 0 for a view that must not be read (e.g. context dropout; None: all read), and
+    ``noise_levels`` (B, V): the standard deviation √(1−ᾱ_t) of the noise in a noisy view (None: clean)."""
 
     images: torch.Tensor
     K: torch.Tensor
     c2w: torch.Tensor
     weights: torch.Tensor | None = None
+    noise_levels: torch.Tensor | None = None
 
     @property
     def count(self) -> int:
         return self.images.shape[1]
+
+
+# Groups of source views, each at its own resolution (clean context views at the data resolution,
+# the noisy target at the encode resolution): one SourceViews or a sequence of them.
+Sources = SourceViews | Sequence[SourceViews]
+
+
+def source_groups(sources: Sources | None) -> list[SourceViews]:
+    if sources is None:
+        return []
+    return [sources] if isinstance(sources, SourceViews) else [group for group in sources if group.count]
+
+
+def source_count(sources: Sources | None) -> int:
+    return sum(group.count for group in source_groups(sources))
 
 
 def project(points: torch.Tensor, K: torch.Tensor, c2w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,6 +82,20 @@ def project(points: torch.Tensor, K: torch.Tensor, c2w: torch.Tensor) -> tuple[t
     u = K[..., 0, 0, None] * camera[..., 0] / safe + K[..., 0, 2, None]
     v = K[..., 1, 1, None] * camera[..., 1] / safe + K[..., 1, 2, None]
     return torch.stack([u, v], -1), z
+
+
+def box_pyramid(images: torch.Tensor, levels: int) -> list[torch.Tensor]:
+    """images (B, V, 3, H, W) and ``levels − 1`` copies averaged over 2ˡ × 2ˡ pixel blocks."""
+    batch, views, channels, height, width = images.shape
+    flat = images.reshape(batch * views, channels, height, width)
+    pyramid = [images]
+    for level in range(1, levels):
+        size = 2 ** level
+        if size > min(height, width):
+            break
+        pooled = F.avg_pool2d(flat, size)
+        pyramid.append(pooled.reshape(batch, views, channels, *pooled.shape[-2:]))
+    return pyramid
 
 
 def sample_images(images: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
@@ -71,31 +111,60 @@ def sample_images(images: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
 class ImageColour(nn.Module):
     """The blend above: ``forward(features, points, directions, colour, sources, exclude)`` -> colour (B, M, 3)."""
 
-    def __init__(self, feature_dim: int, hidden: int = 32):
+    def __init__(self, feature_dim: int, hidden: int = 32, levels: int = 1, noise_aware: bool = False):
         super().__init__()
-        self.view = nn.Sequential(nn.Linear(feature_dim + 4, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
+        if levels < 1:
+            raise ValueError(f"ImageColour levels must be >= 1, got {levels}")
+        self.levels, self.noise_aware = levels, noise_aware
+        inputs = feature_dim + 3 * levels + 1 + (1 if noise_aware else 0)
+        self.view = nn.Sequential(nn.Linear(inputs, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
         self.score = nn.Linear(hidden, 1)
         self.mix = nn.Linear(hidden, 1)
+        self.level = nn.Linear(hidden, levels) if levels > 1 else None
+
+    def _read(self, group: SourceViews, points: torch.Tensor, directions: torch.Tensor):
+        """One group's colours (B, V, M, L, 3), readable mask (B, V, M), cos θ and noise level (B, V, M, 1)."""
+        uv, z = project(points, group.K, group.c2w)
+        height, width = group.images.shape[-2:]
+        valid = (z > 1e-4) & (uv[..., 0] >= 0) & (uv[..., 0] <= width) & (uv[..., 1] >= 0) & (uv[..., 1] <= height)
+        if group.weights is not None:
+            valid = valid & (group.weights > 0).unsqueeze(-1)
+        levels = []
+        for image in box_pyramid(group.images, self.levels):
+            scale = torch.tensor([image.shape[-1] / width, image.shape[-2] / height], device=uv.device, dtype=uv.dtype)
+            levels.append(sample_images(image, uv * scale))
+        levels += [levels[-1]] * (self.levels - len(levels))  # a view smaller than the coarsest level
+        seen = torch.stack(levels, 3)
+        to_point = points.unsqueeze(1) - group.c2w[..., None, :3, 3]
+        cosine = (F.normalize(to_point, dim=-1) * directions.unsqueeze(1)).sum(-1, keepdim=True)
+        noise = (group.noise_levels if group.noise_levels is not None
+                 else torch.zeros(group.images.shape[:2], device=uv.device))
+        return seen, valid, cosine, noise.to(uv.dtype)[..., None, None].expand_as(cosine)
 
     def forward(self, features: torch.Tensor, points: torch.Tensor, directions: torch.Tensor, colour: torch.Tensor,
-                sources: SourceViews, exclude: torch.Tensor | None = None) -> torch.Tensor:
+                sources: Sources, exclude: torch.Tensor | None = None) -> torch.Tensor:
         """features (B, M, F) at the points (B, M, 3, world units), the rendered rays' unit directions
-        (B, M, 3), ψ's colour there (B, M, 3); ``exclude`` (B, M, V) bool: views a point must not read."""
-        uv, z = project(points, sources.K, sources.c2w)
-        height, width = sources.images.shape[-2:]
-        valid = (z > 1e-4) & (uv[..., 0] >= 0) & (uv[..., 0] <= width) & (uv[..., 1] >= 0) & (uv[..., 1] <= height)
-        if sources.weights is not None:
-            valid = valid & (sources.weights > 0).unsqueeze(-1)
+        (B, M, 3), ψ's colour there (B, M, 3); ``exclude`` (B, M, V') bool: views a point must not
+        read, for the first V' source views (the rest may all be read)."""
+        seen, valid, cosine, noise = (torch.cat(parts, 1) for parts in
+                                      zip(*(self._read(group, points, directions) for group in source_groups(sources))))
         if exclude is not None:
-            valid = valid & ~exclude.transpose(1, 2)
-        seen = sample_images(sources.images, uv)  # (B, V, M, 3)
-        to_point = points.unsqueeze(1) - sources.c2w[..., None, :3, 3]
-        cosine = (F.normalize(to_point, dim=-1) * directions.unsqueeze(1)).sum(-1, keepdim=True)
+            excluded = exclude.transpose(1, 2)
+            if excluded.shape[1] < valid.shape[1]:
+                excluded = F.pad(excluded, (0, 0, 0, valid.shape[1] - excluded.shape[1]), value=False)
+            valid = valid & ~excluded
         # The MLP runs in its weights' dtype (bf16 for a bf16 export); weights and blending in fp32 at least.
         dtype = self.score.weight.dtype
-        per_view = torch.cat([features.unsqueeze(1).expand(-1, seen.shape[1], -1, -1).to(dtype), seen.to(dtype),
-                              cosine.to(dtype)], -1)
-        hidden = self.view(per_view)  # (B, V, M, H)
+        views = seen.shape[1]
+        inputs = [features.unsqueeze(1).expand(-1, views, -1, -1).to(dtype), seen.flatten(3).to(dtype), cosine.to(dtype)]
+        if self.noise_aware:
+            inputs.append(noise.to(dtype))
+        hidden = self.view(torch.cat(inputs, -1))  # (B, V, M, H)
+        if self.level is not None:  # each view's colour: its own mixture of the pyramid's levels
+            level_weights = torch.softmax(self.level(hidden).to(seen.dtype), dim=-1)
+            seen = (level_weights.unsqueeze(-1) * seen).sum(3)
+        else:
+            seen = seen[..., 0, :]
         # A finite "minus infinity": a point no view sees gets uniform weights, zeroed below, and no NaN.
         scores = self.score(hidden)[..., 0].to(seen.dtype).masked_fill(~valid, -1e4)
         weights = torch.softmax(scores, dim=1) * valid

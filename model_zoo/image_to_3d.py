@@ -132,16 +132,16 @@ def image_to_3d(model, image_path: str | os.PathLike, out_dir: str | os.PathLike
 
     generator = torch.Generator(device=device).manual_seed(seed)
     callback = (lambda info: progress(info["i"] + 1, info["steps"])) if progress else None
-    state = model.sample(tensor(target_K)[None], tensor(target_c2w)[None], bg, context=context, steps=steps,
-                         guidance_scale=guidance, resolution=resolution, generator=generator, sampler=sampler,
-                         callback=callback)
+    state, sources = model.sample(tensor(target_K)[None], tensor(target_c2w)[None], bg, context=context, steps=steps,
+                                  guidance_scale=guidance, resolution=resolution, generator=generator, sampler=sampler,
+                                  callback=callback, return_sources=True)
     t = stage("sample", t)
 
     mesh = extract_mesh(model, state[0], out, resolution=mesh_resolution, level=level)
     t = stage("mesh", t)
 
     gif = turntable(model, state[0], out / "turntable.gif", frames=turntable_frames, resolution=turntable_resolution,
-                    radius=radius, elevation_deg=elevation_deg, fov_deg=fov_deg, background=colour, context=context)
+                    radius=radius, elevation_deg=elevation_deg, fov_deg=fov_deg, background=colour, sources=sources)
     stage("turntable", t)
     timings["total"] = time.perf_counter() - start
     if log:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_zoo.image_colour import ImageColour, SourceViews
+from model_zoo.image_colour import ImageColour, Sources, source_count
 from model_zoo.rays import intersect_box, stratified_depths
 from model_zoo.representations import Representation
 
@@ -186,7 +186,7 @@ class VolumeRenderer(nn.Module):
     def render_rays(self, state: torch.Tensor, origins: torch.Tensor, directions: torch.Tensor,
                     background: torch.Tensor, stratified: bool = False, generator: torch.Generator | None = None,
                     keep_samples: bool = False, log_density_gradient: bool = False,
-                    sources: SourceViews | None = None, exclude: torch.Tensor | None = None) -> RenderOutput:
+                    sources: Sources | None = None, exclude: torch.Tensor | None = None) -> RenderOutput:
         """state (B, *shape); origins, directions (B, N, 3) world units; background (B, 3).
 
         ``log_density_gradient``: the backward pass carries ∂/∂log σ = σ ∂/∂σ into the decoder in
@@ -208,7 +208,7 @@ class VolumeRenderer(nn.Module):
         density = density.reshape(batch, count, self.samples_per_ray).to(origins.dtype)
         if log_density_gradient:
             density = _LogGradient.apply(density)
-        if sources is not None and sources.count and self.image_colour is not None:
+        if self.image_colour is not None and source_count(sources):
             samples = self.samples_per_ray
             colour = self.image_colour(
                 features, points.reshape(batch, -1, 3), directions.unsqueeze(2).expand(-1, -1, samples, -1).reshape(batch, -1, 3),
@@ -220,7 +220,7 @@ class VolumeRenderer(nn.Module):
 
     def render_rays_chunked(self, state: torch.Tensor, origins: torch.Tensor, directions: torch.Tensor,
                             background: torch.Tensor, rays_per_chunk: int = 8192,
-                            sources: SourceViews | None = None) -> RenderOutput:
+                            sources: Sources | None = None) -> RenderOutput:
         """Deterministic render of many rays in chunks (whole images at evaluation time)."""
         outputs = [self.render_rays(state, origins[:, i:i + rays_per_chunk], directions[:, i:i + rays_per_chunk], background,
                                     sources=sources)

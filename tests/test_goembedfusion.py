@@ -199,7 +199,7 @@ def test_encoder_sees_the_schedules_noise_level_in_sampling(dataset, monkeypatch
     model = GOEmbedFusion(ModelConfig(encode_resolution=16)).eval()
     batch = first_batch(dataset[1], batch_size=4)
     fixed = torch.rand(4, 1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    monkeypatch.setattr(model, "render", lambda state, K, c2w, h, w, bg, context=None: fixed)
+    monkeypatch.setattr(model, "render", lambda state, K, c2w, h, w, bg, context=None, sources=None: fixed)
     seen = []
     encode = model.encode
     monkeypatch.setattr(model, "encode", lambda views, *a, **k: seen.append(views.images.clone()) or encode(views, *a, **k))

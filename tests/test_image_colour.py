@@ -15,7 +15,7 @@ from data_pipeline.reader import ReaderConfig, StreamingReader
 from data_pipeline.synthetic import generate_dataset
 from model_zoo.experiment import colour_follow, colour_follow_batch
 from model_zoo.goembedfusion import GOEmbedFusion, ModelConfig, Views
-from model_zoo.image_colour import ImageColour, SourceViews, project, sample_images
+from model_zoo.image_colour import ImageColour, SourceViews, box_pyramid, project, sample_images
 from model_zoo.rays import view_rays
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -147,3 +147,62 @@ def test_it_trains_under_bf16_autocast_renders_in_bf16_weights_and_samples_with_
         images = half.render(state.to(torch.bfloat16), batch.target_K.to(torch.bfloat16), batch.target_c2w.to(torch.bfloat16),
                              16, 16, batch.background.to(torch.bfloat16), context.to(torch.bfloat16))
     assert images.dtype == torch.bfloat16 and torch.isfinite(images.float()).all()
+
+
+def test_the_pyramid_levels_are_block_means_and_read_as_such_at_their_pixel_centres():
+    images = torch.rand(1, 2, 3, 8, 8, dtype=torch.float64)
+    levels = box_pyramid(images, 4)
+    assert [level.shape[-1] for level in levels] == [8, 4, 2, 1]
+    assert torch.allclose(levels[1][0, 1, :, 2, 3], images[0, 1, :, 4:6, 6:8].mean((1, 2)), atol=1e-12)
+    assert torch.allclose(levels[3][0, 0, :, 0, 0], images[0, 0].mean((1, 2)), atol=1e-12)
+    # ImageColour reads level l at full-resolution pixel coordinates: the centre of 2×2 block (2, 3)
+    # is full-resolution pixel (7.0, 5.0) in (u, v).
+    uv = torch.tensor([[7.0, 5.0]], dtype=torch.float64).expand(1, 2, 1, 2)
+    scale = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    assert torch.allclose(sample_images(levels[1], uv * scale)[0, 1, 0], levels[1][0, 1, :, 2, 3], atol=1e-12)
+
+
+def test_the_noise_level_reaches_the_blend_only_when_it_is_noise_aware():
+    sources, points, directions, features, colour = blend_inputs()
+    noisy = SourceViews(sources.images, sources.K, sources.c2w, noise_levels=torch.tensor([[0.0, 0.9]], dtype=torch.float64))
+    for aware in (False, True):
+        torch.manual_seed(1)
+        blend = ImageColour(8, levels=3, noise_aware=aware).double()
+        clean, told = (blend(features, points, directions, colour, s) for s in (sources, noisy))
+        assert torch.equal(clean, told) != aware
+    # Groups at different resolutions read as one set of views: the same as one group of both.
+    half = torch.nn.functional.interpolate(sources.images[0], scale_factor=0.5, mode="area")[None]
+    groups = [SourceViews(sources.images[:, :1], sources.K[:, :1], sources.c2w[:, :1]),
+              SourceViews(half[:, 1:], sources.K[:, 1:] * torch.tensor([0.5, 0.5, 1.0], dtype=torch.float64).view(3, 1),
+                          sources.c2w[:, 1:])]
+    blend = ImageColour(8).double()
+    mixed = blend(features, points, directions, colour, groups)
+    assert mixed.shape == colour.shape and torch.isfinite(mixed).all()
+
+
+def test_a_noisy_target_model_trains_and_its_sample_is_coloured_by_the_image_the_sampler_made(tmp_path):
+    with pytest.raises(ValueError, match="image_colour_noisy_target"):
+        ModelConfig(image_colour_noisy_target=True)
+    summary = generate_dataset(str(tmp_path), objects=4, views=6, resolution=32, seed=2, holdout_fraction=0.0,
+                               workers=1, progress=False)
+    batch = next(iter(StreamingReader(ReaderConfig(summary["train_pattern"], batch_size=2, context_views_min=2,
+                                                   context_views_max=2, target_views=2, num_workers=0))))
+    torch.manual_seed(0)
+    model = GOEmbedFusion(ModelConfig(encode_resolution=16, rays_per_view=32, image_colour=True,
+                                      image_colour_noisy_target=True, image_colour_levels=4))
+    loss, _ = model(batch, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and float(model.renderer.image_colour.level.weight.grad.abs().sum()) > 0
+    model.eval()
+    K16 = batch.target_K[:, 0] * torch.tensor([0.5, 0.5, 1.0]).view(3, 1)
+    last = {}
+    with torch.no_grad():
+        state, sources = model.sample(K16, batch.target_c2w[:, 0], batch.background, steps=3, sampler="ddim",
+                                      generator=torch.Generator().manual_seed(0), return_sources=True,
+                                      callback=lambda info: last.update(info))
+        assert len(sources) == 1 and sources[0].noise_levels is None  # the made view is clean
+        # DDIM's last step returns its x̂₀: the made view is that image, in [0, 1].
+        assert torch.allclose(sources[0].images[:, 0], (last["denoised"].clamp(-1, 1) + 1) / 2, atol=1e-6)
+        coloured = model.render(state, batch.target_K, batch.target_c2w, 32, 32, batch.background, sources=sources)
+        grey = model.render(state, batch.target_K, batch.target_c2w, 32, 32, batch.background)
+    assert not torch.allclose(coloured, grey)

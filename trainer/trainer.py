@@ -357,12 +357,12 @@ class Trainer:
             scale = torch.tensor([resolution / width, resolution / width, 1.0], device=env.device).view(3, 1)
             generator = torch.Generator(device=env.device).manual_seed(step)
             first = Views(context.images[:1], context.K[:1], context.c2w[:1])
-            sample = model.sample(batch.target_K[:1, 0] * scale, batch.target_c2w[:1, 0], batch.background[:1],
-                                  context=first, steps=10, generator=generator)
+            sample, sources = model.sample(batch.target_K[:1, 0] * scale, batch.target_c2w[:1, 0], batch.background[:1],
+                                           context=first, steps=10, generator=generator, return_sources=True)
             radius = float(batch.target_c2w[0, 0, :3, 3].norm())
             K, c2w = turntable_cameras(frames, radius, 20.0, 50.0, resolution)
             turntable = model.render(sample, K.to(env.device)[None], c2w.to(env.device)[None], resolution, resolution,
-                                     batch.background[:1], first)[0]
+                                     batch.background[:1], sources=sources)[0]
         if env.is_main:
             os.makedirs(directory, exist_ok=True)
             save_preview_grid(os.path.join(directory, f"grid_{step:08d}.png"), batch.context_images.cpu(),
