@@ -326,18 +326,25 @@ class GOEmbedFusion(nn.Module):
                 noisy_weights: torch.Tensor | None = None, t: torch.Tensor | None = None) -> list[SourceViews] | None:
         """The views ``image_colour`` reads (None without it or without views); weights (B, V) drop views.
 
-        With ``image_colour_noisy_target``, also ``noisy`` (x_t as a view in [0, 1]) at noise level
-        √(1−ᾱ_t) for t (B,), or a clean generated view when t is None."""
+        With ``image_colour_noisy_target``, also ``noisy``: x_t (as a view in [0, 1]) at t (B,), or a
+        clean generated view when t is None. x_t is read as x_t / √ᾱ_t = x₀ + σ·ε with
+        σ = √((1−ᾱ_t)/ᾱ_t) (EDM's noise level, ᾱ floored at 1e-4, so σ ≤ 100): an unbiased view of
+        x₀, so that the convex blend can weigh it like a Wiener filter would. Read as x_t itself,
+        every colour is shrunk by √ᾱ_t, a blend (gain ≤ 1) cannot undo that, and each sampling
+        step pulls the colours back to the mean (measured: grey samples)."""
         if not self.config.image_colour:
             return None
         groups = []
         if context is not None and context.count:
             groups.append(SourceViews(context.images, context.K, context.c2w, weights))
         if self.config.image_colour_noisy_target and noisy is not None and noisy.count:
-            levels = None
+            images, sigma = noisy.images, None
             if t is not None:
-                levels = (1 - self.schedule.alpha_bar(t, noisy.images.device)).sqrt().unsqueeze(1).expand(-1, noisy.count)
-            groups.append(SourceViews(noisy.images, noisy.K, noisy.c2w, noisy_weights, levels))
+                alpha_bar = self.schedule.alpha_bar(t, images.device).clamp_min(1e-4)
+                scale = alpha_bar.rsqrt().view(-1, 1, 1, 1, 1)
+                images = ((images.float() * 2 - 1) * scale + 1) / 2
+                sigma = ((1 - alpha_bar) / alpha_bar).sqrt().unsqueeze(1).expand(-1, noisy.count)
+            groups.append(SourceViews(images, noisy.K, noisy.c2w, noisy_weights, sigma))
         return groups or None
 
     # -- training ------------------------------------------------------------------------------

@@ -22,8 +22,9 @@ Density stays ψ's alone: the geometry still comes from ζ̂ only. GOEmbed never
 origin render has no sources), so the encoder and its closed form are unchanged.
 
 With ``noise_aware`` (``ModelConfig.image_colour_noisy_target``) a source may be noisy — the
-diffusion's x_t at the target camera — and every view carries its noise level √(1−ᾱ_t) (0 for a
-clean view) into the MLP. A noisy pixel alone is not a colour estimate (a per-pixel denoiser of
+diffusion's x_t at the target camera, read as x_t/√ᾱ_t = x₀ + σε — and every view carries its
+noise level σ (0 for a clean view; σ/(1+σ) into the MLP, whose colour inputs are clipped to
+[−1, 2], so that σ = 100 does not swamp it; the blend itself uses the unclipped colours). A noisy pixel alone is not a colour estimate (a per-pixel denoiser of
 white noise gives colour speckle), so each view is also read from a pyramid of ``levels``
 box-filtered copies (1, 2, 4, … pixels wide) and the MLP picks, per view, a softmax mixture of
 the levels: a learned, noise-dependent low-pass filter. This is the x̂₀ "skip" path DFM has
@@ -44,7 +45,7 @@ from torch import nn
 class SourceViews:
     """Posed views to take colour from: images (B, V, 3, H, W) in [0, 1], K (B, V, 3, 3), c2w (B, V, 4, 4),
     ``weights`` (B, V), 0 for a view that must not be read (e.g. context dropout; None: all read), and
-    ``noise_levels`` (B, V): the standard deviation √(1−ᾱ_t) of the noise in a noisy view (None: clean)."""
+    ``noise_levels`` (B, V): σ of a noisy view x₀ + σ·ε, in units of the [−1, 1] image (None: clean)."""
 
     images: torch.Tensor
     K: torch.Tensor
@@ -156,9 +157,10 @@ class ImageColour(nn.Module):
         # The MLP runs in its weights' dtype (bf16 for a bf16 export); weights and blending in fp32 at least.
         dtype = self.score.weight.dtype
         views = seen.shape[1]
-        inputs = [features.unsqueeze(1).expand(-1, views, -1, -1).to(dtype), seen.flatten(3).to(dtype), cosine.to(dtype)]
+        readable = seen.clamp(-1.0, 2.0) if self.noise_aware else seen  # a noisy source reaches ±50
+        inputs = [features.unsqueeze(1).expand(-1, views, -1, -1).to(dtype), readable.flatten(3).to(dtype), cosine.to(dtype)]
         if self.noise_aware:
-            inputs.append(noise.to(dtype))
+            inputs.append((noise / (1 + noise)).to(dtype))
         hidden = self.view(torch.cat(inputs, -1))  # (B, V, M, H)
         if self.level is not None:  # each view's colour: its own mixture of the pyramid's levels
             level_weights = torch.softmax(self.level(hidden).to(seen.dtype), dim=-1)
