@@ -24,10 +24,11 @@ origin render has no sources), so the encoder and its closed form are unchanged.
 With ``noise_aware`` (``ModelConfig.image_colour_noisy_target``) a source may be noisy — the
 diffusion's x_t at the target camera, read as x_t/√ᾱ_t = x₀ + σε — and every view carries its
 noise level σ (0 for a clean view; σ/(1+σ) into the MLP, whose colour inputs are clipped to
-[−1, 2], so that σ = 100 does not swamp it; the blend itself uses the unclipped colours). A noisy pixel alone is not a colour estimate (a per-pixel denoiser of
-white noise gives colour speckle), so each view is also read from a pyramid of ``levels``
-box-filtered copies (1, 2, 4, … pixels wide) and the MLP picks, per view, a softmax mixture of
-the levels: a learned, noise-dependent low-pass filter. This is the x̂₀ "skip" path DFM has
+[−1, 2], so that σ = 100 does not swamp it; the blend itself uses the unclipped colours). A
+noisy pixel alone is not a colour estimate (a per-pixel denoiser of white noise gives colour
+speckle), so each view is also read from a pyramid of ``levels`` box-filtered copies (1, 2, 4, …
+pixels wide) and the MLP picks, per view, a softmax mixture of the levels: a learned,
+noise-dependent low-pass filter. This is the x̂₀ "skip" path DFM has
 through its 2D feature network on x_t, and which rendering ζ̂ alone lacks (ζ̂ carries no colour).
 """
 
