@@ -130,6 +130,10 @@ class ModelConfig:
         "a generated sample is then coloured by the view the sampler made); needs image_colour"))
     image_colour_levels: int = Field(1, ge=1, description=(
         "image_colour reads each view at this many box-filtered scales (1, 2, 4, ... px) and mixes them per view"))
+    image_colour_noisy_gain: Annotated[str, _one_of(("learned", "wiener"))] = Field("learned", description=(
+        "how much a noisy reading counts: learned (by the blend's MLP alone) | wiener (each level first shrunk "
+        "towards ψ's colour by s²/(s² + σ_l²), its noise std σ_l after the box filter, s learned); "
+        "needs image_colour_noisy_target"))
 
     @pydantic.model_validator(mode="after")
     def _lpips_weights(self):
@@ -141,6 +145,8 @@ class ModelConfig:
     def _image_colour_options(self):
         if not self.image_colour and (self.image_colour_noisy_target or self.image_colour_levels != 1):
             raise ValueError("image_colour_noisy_target and image_colour_levels need image_colour: true")
+        if self.image_colour_noisy_gain != "learned" and not self.image_colour_noisy_target:
+            raise ValueError("image_colour_noisy_gain: wiener needs image_colour_noisy_target: true")
         return self
 
 
@@ -206,7 +212,8 @@ class GOEmbedFusion(nn.Module):
         decoder = FieldDecoder(representation.feature_dim, preset.decoder_hidden, preset.decoder_layers,
                                origin_density=config.origin_density, point_frequencies=config.decoder_point_frequencies)
         image_colour = ImageColour(representation.feature_dim, preset.decoder_hidden, levels=config.image_colour_levels,
-                                   noise_aware=config.image_colour_noisy_target) if config.image_colour else None
+                                   noise_aware=config.image_colour_noisy_target,
+                                   gain=config.image_colour_noisy_gain) if config.image_colour else None
         self.renderer = VolumeRenderer(representation, decoder, config.samples_per_ray or preset.samples_per_ray,
                                        config.box_half_size, image_colour)
         denoiser_config = preset.denoiser_config(kind)

@@ -30,10 +30,22 @@ speckle), so each view is also read from a pyramid of ``levels`` box-filtered co
 pixels wide) and the MLP picks, per view, a softmax mixture of the levels: a learned,
 noise-dependent low-pass filter. This is the x̂₀ "skip" path DFM has
 through its 2D feature network on x_t, and which rendering ζ̂ alone lacks (ζ̂ carries no colour).
+
+With ``gain="wiener"`` (``ModelConfig.image_colour_noisy_gain``) the MLP no longer has to learn how
+much a noisy reading is worth: each level l of a view with noise level σ is first shrunk towards
+ψ's colour by the posterior-mean (Wiener) gain of a Gaussian prior around it,
+
+    y_l ← ψ_c + g_l · (y_l − ψ_c),    g_l = s_l² / (s_l² + σ_l²),    σ_l = (σ / 2) / 2ˡ,
+
+σ_l being the noise's standard deviation in [0, 1] units after averaging 2ˡ × 2ˡ i.i.d. pixels and
+s_l a learned prior standard deviation per level. The gain is exactly 1 for a clean view and ~0 at
+t = T−1 (σ = 100), where the learned form still let ±50 colours through a small α (README,
+"Unconditional colour"). The MLP then reads the shrunk colours and still picks views, levels and α.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -113,11 +125,17 @@ def sample_images(images: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
 class ImageColour(nn.Module):
     """The blend above: ``forward(features, points, directions, colour, sources, exclude)`` -> colour (B, M, 3)."""
 
-    def __init__(self, feature_dim: int, hidden: int = 32, levels: int = 1, noise_aware: bool = False):
+    def __init__(self, feature_dim: int, hidden: int = 32, levels: int = 1, noise_aware: bool = False,
+                 gain: str = "learned"):
         super().__init__()
         if levels < 1:
             raise ValueError(f"ImageColour levels must be >= 1, got {levels}")
+        if gain not in ("learned", "wiener"):
+            raise ValueError(f"ImageColour gain must be 'learned' or 'wiener', got {gain!r}")
         self.levels, self.noise_aware = levels, noise_aware
+        # The Wiener form's prior standard deviation s_l per level ([0, 1] colour units), as a log.
+        self.prior_log_std = (nn.Parameter(torch.full((levels,), math.log(0.25)))
+                              if noise_aware and gain == "wiener" else None)
         inputs = feature_dim + 3 * levels + 1 + (1 if noise_aware else 0)
         self.view = nn.Sequential(nn.Linear(inputs, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
         self.score = nn.Linear(hidden, 1)
@@ -135,21 +153,32 @@ class ImageColour(nn.Module):
         for image in box_pyramid(group.images, self.levels):
             scale = torch.tensor([image.shape[-1] / width, image.shape[-2] / height], device=uv.device, dtype=uv.dtype)
             levels.append(sample_images(image, uv * scale))
+        box = [2 ** level for level in range(len(levels))]
         levels += [levels[-1]] * (self.levels - len(levels))  # a view smaller than the coarsest level
+        box += [box[-1]] * (self.levels - len(box))
         seen = torch.stack(levels, 3)
         to_point = points.unsqueeze(1) - group.c2w[..., None, :3, 3]
         cosine = (F.normalize(to_point, dim=-1) * directions.unsqueeze(1)).sum(-1, keepdim=True)
         noise = (group.noise_levels if group.noise_levels is not None
                  else torch.zeros(group.images.shape[:2], device=uv.device))
-        return seen, valid, cosine, noise.to(uv.dtype)[..., None, None].expand_as(cosine)
+        noise = noise.to(uv.dtype)[..., None, None].expand_as(cosine)
+        if self.prior_log_std is not None:  # σ_l of each level: (B, V, M, L, 1)
+            noise_std = noise.unsqueeze(-1) / 2 / torch.tensor(box, device=uv.device, dtype=uv.dtype).view(-1, 1)
+            return seen, valid, cosine, noise, noise_std
+        return seen, valid, cosine, noise, None
 
     def forward(self, features: torch.Tensor, points: torch.Tensor, directions: torch.Tensor, colour: torch.Tensor,
                 sources: Sources, exclude: torch.Tensor | None = None) -> torch.Tensor:
         """features (B, M, F) at the points (B, M, 3, world units), the rendered rays' unit directions
         (B, M, 3), ψ's colour there (B, M, 3); ``exclude`` (B, M, V') bool: views a point must not
         read, for the first V' source views (the rest may all be read)."""
-        seen, valid, cosine, noise = (torch.cat(parts, 1) for parts in
-                                      zip(*(self._read(group, points, directions) for group in source_groups(sources))))
+        parts = list(zip(*(self._read(group, points, directions) for group in source_groups(sources))))
+        seen, valid, cosine, noise = (torch.cat(part, 1) for part in parts[:4])
+        if self.prior_log_std is not None:  # the Wiener shrink of every level towards ψ's colour
+            prior_var = torch.exp(2 * self.prior_log_std.to(seen.dtype)).view(-1, 1)
+            gain = prior_var / (prior_var + torch.cat(parts[4], 1).pow(2))
+            base = colour.to(seen.dtype)[:, None, :, None, :]
+            seen = base + gain * (seen - base)
         if exclude is not None:
             excluded = exclude.transpose(1, 2)
             if excluded.shape[1] < valid.shape[1]:

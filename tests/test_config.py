@@ -245,7 +245,8 @@ def test_a_model_config_json_written_before_pydantic_still_loads():
     assert model_config_from_dict(old) == ModelConfig()
     # and is written the same way, plus the fields added since (at defaults that mean the old behaviour)
     assert json.loads(json.dumps(dataclasses.asdict(ModelConfig()))) == {**old, "goembed_log_density": False, "image_colour": False,
-                                                                        "image_colour_noisy_target": False, "image_colour_levels": 1}
+                                                                        "image_colour_noisy_target": False, "image_colour_levels": 1,
+                                                                        "image_colour_noisy_gain": "learned"}
     with pytest.raises(ExportFormatError, match=r"model_config\.json is not a valid ModelConfig: encoder: .*'magic'"):
         model_config_from_dict({**old, "encoder": "magic"})
 

@@ -87,6 +87,32 @@ def test_with_the_blend_fully_open_one_view_gives_its_own_pixel():
     assert torch.allclose(blended[0], sources.images[0, 0].flatten(1).T, atol=1e-12)
 
 
+def test_the_wiener_gain_shrinks_a_noisy_reading_towards_psi_by_its_closed_form():
+    # Fully open blend (α = 1), one view, one level: the output is the shrunk reading itself,
+    # ψ + g·(y − ψ) with g = s² / (s² + (σ/2)²), for a clean, a middling and a hopeless σ.
+    blend = ImageColour(8, noise_aware=True, gain="wiener").double()
+    with torch.no_grad():
+        blend.mix.weight.zero_()
+        blend.mix.bias.fill_(60.0)
+    sources, _, _, features, colour = blend_inputs(count=1, points=SIZE * SIZE)
+    origins, directions = view_rays(sources.K, sources.c2w, SIZE, SIZE)
+    points = origins[:, 0] + 1.7 * directions[:, 0]
+    pixels = sources.images[0, 0].flatten(1).T
+    prior = 0.25  # the initial s
+    for sigma in (0.0, 0.5, 100.0):
+        noisy = SourceViews(sources.images, sources.K, sources.c2w, noise_levels=torch.tensor([[sigma]], dtype=torch.float64))
+        gain = prior ** 2 / (prior ** 2 + (sigma / 2) ** 2)
+        expected = colour[0] + gain * (pixels - colour[0])
+        assert torch.allclose(blend(features, points, directions[:, 0], colour, noisy)[0], expected, atol=1e-12)
+    # Level l averages 4ˡ pixels: its noise std is σ/2 / 2ˡ, so the coarse level keeps more of its reading.
+    two = ImageColour(8, levels=2, noise_aware=True, gain="wiener").double()
+    noisy = SourceViews(sources.images, sources.K, sources.c2w, noise_levels=torch.tensor([[0.5]], dtype=torch.float64))
+    seen, _, _, _, noise_std = two._read(noisy, points, directions[:, 0])
+    assert torch.allclose(noise_std[0, 0, 0, :, 0], torch.tensor([0.25, 0.125], dtype=torch.float64))
+    with pytest.raises(ValueError, match="gain"):
+        ImageColour(8, noise_aware=True, gain="fixed")
+
+
 def test_render_without_context_is_the_plain_model_and_a_context_view_never_reads_itself():
     torch.manual_seed(0)
     plain = GOEmbedFusion(ModelConfig(encode_resolution=16, rays_per_view=32))
