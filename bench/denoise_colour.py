@@ -77,16 +77,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="held-out shards (glob or fsspec URL)")
     parser.add_argument("--objects", type=int, default=24, help="held-out objects (the first ones)")
     parser.add_argument("--timesteps", type=int, nargs="+", default=[0, 100, 300, 500, 700, 900, 999])
+    parser.add_argument("--weights", choices=("default", "trained"), default="default",
+                        help="default: the EMA where there is one; trained: the optimiser's weights")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     results = []
     for path in args.models:
-        model = load(path)
+        model = load(path, weights=args.weights)
         size = model.config.encode_resolution
         views = [(index, Views(images[:1][None], K[:1][None], c2w[:1][None]).resized(size), background)
                  for index, (_, images, K, c2w, background)
                  in enumerate(iter_objects(args.data, None, args.objects))]
-        results.append({"model": path, "objects": len(views), "rows": measure(model, views, args.timesteps, args.seed)})
+        results.append({"model": path, "weights": args.weights, "objects": len(views), "rows": measure(model, views, args.timesteps, args.seed)})
     print(json.dumps({"models": results}))
     return 0
 

@@ -130,10 +130,10 @@ class ModelConfig:
         "a generated sample is then coloured by the view the sampler made); needs image_colour"))
     image_colour_levels: int = Field(1, ge=1, description=(
         "image_colour reads each view at this many box-filtered scales (1, 2, 4, ... px) and mixes them per view"))
-    image_colour_noisy_gain: Annotated[str, _one_of(("learned", "wiener"))] = Field("learned", description=(
+    image_colour_noisy_gain: Annotated[str, _one_of(("learned", "wiener", "wiener_bands"))] = Field("learned", description=(
         "how much a noisy reading counts: learned (by the blend's MLP alone) | wiener (each level first shrunk "
-        "towards ψ's colour by s²/(s² + σ_l²), its noise std σ_l after the box filter, s learned); "
-        "needs image_colour_noisy_target"))
+        "towards ψ's colour by s²/(s² + σ_l²), its noise std σ_l after the box filter, s learned) | wiener_bands "
+        "(the same for the pyramid's band-pass differences: fine detail dropped first); needs image_colour_noisy_target"))
 
     @pydantic.model_validator(mode="after")
     def _lpips_weights(self):
@@ -146,7 +146,7 @@ class ModelConfig:
         if not self.image_colour and (self.image_colour_noisy_target or self.image_colour_levels != 1):
             raise ValueError("image_colour_noisy_target and image_colour_levels need image_colour: true")
         if self.image_colour_noisy_gain != "learned" and not self.image_colour_noisy_target:
-            raise ValueError("image_colour_noisy_gain: wiener needs image_colour_noisy_target: true")
+            raise ValueError(f"image_colour_noisy_gain: {self.image_colour_noisy_gain} needs image_colour_noisy_target: true")
         return self
 
 

@@ -41,6 +41,16 @@ much a noisy reading is worth: each level l of a view with noise level σ is fir
 s_l a learned prior standard deviation per level. The gain is exactly 1 for a clean view and ~0 at
 t = T−1 (σ = 100), where the learned form still let ±50 colours through a small α (README,
 "Unconditional colour"). The MLP then reads the shrunk colours and still picks views, levels and α.
+
+``gain="wiener_bands"`` shrinks the pyramid's band-pass parts instead (wavelet shrinkage): with
+b_{L−1} = y_{L−1} − ψ_c and b_l = y_l − y_{l+1} below it, level l is read as
+
+    ψ_c + Σ_{k ≥ l} g_k · b_k,    g_k = s_k² / (s_k² + v_k),    v_{L−1} = σ_{L−1}²,  v_k = σ_k² − σ_{k+1}²,
+
+v_k being the noise variance of band k (a block mean's noise is shared with the finer level it is
+the mean of). Fine detail, whose prior variance is small, is then dropped at noise levels where
+the coarse colour is still kept; shrinking whole levels lets a fine level's noise through with
+its gain (measured: colour speckle in unconditional samples). A clean view reads y_l unchanged.
 """
 
 from __future__ import annotations
@@ -130,12 +140,12 @@ class ImageColour(nn.Module):
         super().__init__()
         if levels < 1:
             raise ValueError(f"ImageColour levels must be >= 1, got {levels}")
-        if gain not in ("learned", "wiener"):
-            raise ValueError(f"ImageColour gain must be 'learned' or 'wiener', got {gain!r}")
-        self.levels, self.noise_aware = levels, noise_aware
-        # The Wiener form's prior standard deviation s_l per level ([0, 1] colour units), as a log.
+        if gain not in ("learned", "wiener", "wiener_bands"):
+            raise ValueError(f"ImageColour gain must be 'learned', 'wiener' or 'wiener_bands', got {gain!r}")
+        self.levels, self.noise_aware, self.gain = levels, noise_aware, gain
+        # The Wiener forms' prior standard deviation s_l per level or band ([0, 1] colour units), as a log.
         self.prior_log_std = (nn.Parameter(torch.full((levels,), math.log(0.25)))
-                              if noise_aware and gain == "wiener" else None)
+                              if noise_aware and gain != "learned" else None)
         inputs = feature_dim + 3 * levels + 1 + (1 if noise_aware else 0)
         self.view = nn.Sequential(nn.Linear(inputs, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
         self.score = nn.Linear(hidden, 1)
@@ -174,11 +184,17 @@ class ImageColour(nn.Module):
         read, for the first V' source views (the rest may all be read)."""
         parts = list(zip(*(self._read(group, points, directions) for group in source_groups(sources))))
         seen, valid, cosine, noise = (torch.cat(part, 1) for part in parts[:4])
-        if self.prior_log_std is not None:  # the Wiener shrink of every level towards ψ's colour
+        if self.prior_log_std is not None:  # the Wiener shrink towards ψ's colour
             prior_var = torch.exp(2 * self.prior_log_std.to(seen.dtype)).view(-1, 1)
-            gain = prior_var / (prior_var + torch.cat(parts[4], 1).pow(2))
+            noise_var = torch.cat(parts[4], 1).pow(2)  # (B, V, M, L, 1)
             base = colour.to(seen.dtype)[:, None, :, None, :]
-            seen = base + gain * (seen - base)
+            if self.gain == "wiener":
+                seen = base + prior_var / (prior_var + noise_var) * (seen - base)
+            else:  # bands: b_l = y_l − y_{l+1}, the coarsest against ψ; their noise variances
+                bands = torch.cat([seen[..., :-1, :] - seen[..., 1:, :], seen[..., -1:, :] - base], -2)
+                band_var = torch.cat([noise_var[..., :-1, :] - noise_var[..., 1:, :], noise_var[..., -1:, :]], -2)
+                kept = prior_var / (prior_var + band_var) * bands
+                seen = base + kept.flip(-2).cumsum(-2).flip(-2)  # level l: ψ + Σ_{k ≥ l} g_k b_k
         if exclude is not None:
             excluded = exclude.transpose(1, 2)
             if excluded.shape[1] < valid.shape[1]:
