@@ -35,40 +35,33 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model_zoo.evaluate import iter_objects
 from model_zoo.goembedfusion import GOEmbedFusion, Views
 from model_zoo.loading import load
-from model_zoo.metrics import foreground, hue
-
-
-def chroma(images: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
-    """Mean of (c − mean_RGB(c)) over the masked pixels of images (3, H, W): a 3-vector."""
-    return (images - images.mean(0, keepdim=True))[:, mask].mean(1).numpy()
+from model_zoo.metrics import chroma_slope, foreground, hue, mean_chroma, psnr
 
 
 @torch.no_grad()
-def measure(model: GOEmbedFusion, views: list, timesteps: list[int], seed: int) -> list[dict]:
-    """Rows per t over ``views``: (object index, image (1, 1, 3, H, W), K, c2w, background) at the encode size."""
-    per_t = {t: {"psnr": [], "hue": [], "truth_hue": [], "true": [], "made": []} for t in timesteps}
-    for index, view, background in views:
-        x0 = view.images[0, 0] * 2 - 1
-        mask = foreground(view.images[0], background[None])[0]
+def measure(model: GOEmbedFusion, objects: list, timesteps: list[int], seed: int) -> list[dict]:
+    """Rows per t over ``objects``: (index, images (V, 3, H, W), K, c2w, background) as stored."""
+    per_t = {t: {"psnr": [], "hue": [], "made": []} for t in timesteps}
+    truth_hue, true = [], []
+    for index, images, K, c2w, background in objects:
+        view = Views(images[:1][None], K[:1][None], c2w[:1][None]).resized(model.config.encode_resolution)
+        clean = view.images[:, 0]  # (1, 3, h, w) in [0, 1]
+        mask = foreground(clean, background[None])
+        truth_hue.append(float(hue(clean, mask)[0]))
+        true.append(mean_chroma(clean, mask))
         predict = model.x0_predictor(view.K[:, 0], view.c2w[:, 0], background[None])
         for t in timesteps:
             generator = torch.Generator().manual_seed(seed * 1_000_003 + index * 1009 + t)  # same noise per model
-            noise = torch.randn(x0[None].shape, generator=generator)
-            x_t = model.schedule.q_sample(x0[None], torch.tensor([t]), noise)
-            made = predict(x_t, t)[0].float().clamp(-1, 1)
+            x_t = model.schedule.q_sample(clean * 2 - 1, torch.tensor([t]), torch.randn(clean.shape, generator=generator))
+            made = (predict(x_t, t).float().clamp(-1, 1) + 1) / 2
             row = per_t[t]
-            row["psnr"].append(float(-10 * torch.log10(((made - x0) / 2).pow(2).mean().clamp_min(1e-10))))
-            row["hue"].append(float(hue(((made + 1) / 2)[None], mask[None])[0]))
-            row["truth_hue"].append(float(hue(((x0 + 1) / 2)[None], mask[None])[0]))
-            row["true"].append(chroma(x0, mask))
-            row["made"].append(chroma(made, mask))
-    rows = []
-    for t, row in per_t.items():
-        true, made = np.concatenate(row["true"]), np.concatenate(row["made"])
-        rows.append({"t": t, "psnr": float(np.mean(row["psnr"])), "hue": float(np.nanmean(row["hue"])),
-                     "truth_hue": float(np.nanmean(row["truth_hue"])),
-                     "chroma_slope": float((true * made).sum() / (true * true).sum())})
-    return rows
+            row["psnr"].append(float(psnr(made, clean, mse_floor=1e-10)[0]))
+            row["hue"].append(float(hue(made, mask)[0]))
+            row["made"].append(mean_chroma(made, mask))
+    true_chroma = torch.cat(true)
+    return [{"t": t, "psnr": float(np.mean(row["psnr"])), "hue": float(np.nanmean(row["hue"])),
+             "truth_hue": float(np.nanmean(truth_hue)), "chroma_slope": chroma_slope(true_chroma, torch.cat(row["made"]))}
+            for t, row in per_t.items()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,14 +74,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: the EMA where there is one; trained: the optimiser's weights")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    # Read once for every model; each resizes the views to its own encode resolution.
+    objects = [(index, images, K, c2w, background)
+               for index, (_, images, K, c2w, background) in enumerate(iter_objects(args.data, None, args.objects))]
     results = []
     for path in args.models:
         model = load(path, weights=args.weights)
-        size = model.config.encode_resolution
-        views = [(index, Views(images[:1][None], K[:1][None], c2w[:1][None]).resized(size), background)
-                 for index, (_, images, K, c2w, background)
-                 in enumerate(iter_objects(args.data, None, args.objects))]
-        results.append({"model": path, "weights": args.weights, "objects": len(views), "rows": measure(model, views, args.timesteps, args.seed)})
+        results.append({"model": path, "weights": args.weights, "objects": len(objects),
+                        "rows": measure(model, objects, args.timesteps, args.seed)})
     print(json.dumps({"models": results}))
     return 0
 

@@ -40,7 +40,7 @@ from torch import nn
 from model_zoo.diffusion import CosineSchedule, classifier_free_guidance
 from model_zoo.encodings import unprojection
 from model_zoo.goembed import METHODS, NORMALISATIONS, RayBatch, goembed
-from model_zoo.image_colour import ImageColour, Sources, SourceViews
+from model_zoo.image_colour import GAINS, ImageColour, Sources, SourceViews
 from model_zoo.metrics import psnr_from_mse
 from model_zoo.presets import PRESETS, get_preset
 from model_zoo.lpips import LPIPS
@@ -130,7 +130,7 @@ class ModelConfig:
         "a generated sample is then coloured by the view the sampler made); needs image_colour"))
     image_colour_levels: int = Field(1, ge=1, description=(
         "image_colour reads each view at this many box-filtered scales (1, 2, 4, ... px) and mixes them per view"))
-    image_colour_noisy_gain: Annotated[str, _one_of(("learned", "wiener", "wiener_bands"))] = Field("learned", description=(
+    image_colour_noisy_gain: Annotated[str, _one_of(GAINS)] = Field("learned", description=(
         "how much a noisy reading counts: learned (by the blend's MLP alone) | wiener (each level first shrunk "
         "towards ψ's colour by s²/(s² + σ_l²), its noise std σ_l after the box filter, s learned) | wiener_bands "
         "(the same for the pyramid's band-pass differences: fine detail dropped first); needs image_colour_noisy_target"))

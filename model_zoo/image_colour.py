@@ -81,6 +81,10 @@ class SourceViews:
         return self.images.shape[1]
 
 
+# How much a noisy reading counts (``ImageColour(gain=…)``, ``ModelConfig.image_colour_noisy_gain``).
+GAINS = ("learned", "wiener", "wiener_bands")
+
+
 # Groups of source views, each at its own resolution (clean context views at the data resolution,
 # the noisy target at the encode resolution): one SourceViews or a sequence of them.
 Sources = SourceViews | Sequence[SourceViews]
@@ -140,8 +144,8 @@ class ImageColour(nn.Module):
         super().__init__()
         if levels < 1:
             raise ValueError(f"ImageColour levels must be >= 1, got {levels}")
-        if gain not in ("learned", "wiener", "wiener_bands"):
-            raise ValueError(f"ImageColour gain must be 'learned', 'wiener' or 'wiener_bands', got {gain!r}")
+        if gain not in GAINS:
+            raise ValueError(f"ImageColour gain must be one of {', '.join(GAINS)}, got {gain!r}")
         self.levels, self.noise_aware, self.gain = levels, noise_aware, gain
         # The Wiener forms' prior standard deviation s_l per level or band ([0, 1] colour units), as a log.
         self.prior_log_std = (nn.Parameter(torch.full((levels,), math.log(0.25)))

@@ -59,6 +59,19 @@ def hue(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (chroma * weights).flatten(1).sum(1) / weights.flatten(1).sum(1)
 
 
+def mean_chroma(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(N, 3): the mean of c − mean_RGB(c) over the pixels of images (N, 3, H, W) where ``mask`` (N, H, W) is set."""
+    chroma = images.float() - images.float().mean(1, keepdim=True)
+    weights = mask.to(chroma.dtype).unsqueeze(1)
+    return (chroma * weights).flatten(2).sum(2) / weights.flatten(2).sum(2)
+
+
+def chroma_slope(true: torch.Tensor, made: torch.Tensor) -> float:
+    """Least-squares slope, through the origin, of ``made``'s mean chromas on ``true``'s (both (N, 3),
+    from :func:`mean_chroma`): 0 when ``made`` ignores the true colours, 1 when it keeps them."""
+    return float((true * made).sum() / (true * true).sum())
+
+
 def foreground(images: torch.Tensor, background: torch.Tensor, tolerance: float = 0.03) -> torch.Tensor:
     """(N, H, W) pixels of images (N, 3, H, W) that differ from their background colour (N, 3) by
     more than ``tolerance`` in some channel."""

@@ -16,6 +16,7 @@ from data_pipeline.synthetic import generate_dataset
 from model_zoo.experiment import colour_follow, colour_follow_batch
 from model_zoo.goembedfusion import GOEmbedFusion, ModelConfig, Views
 from model_zoo.image_colour import ImageColour, SourceViews, box_pyramid, project, sample_images
+from model_zoo.metrics import chroma_slope, foreground, mean_chroma
 from model_zoo.rays import view_rays
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -249,16 +250,15 @@ def test_a_noisy_target_model_trains_and_its_sample_is_coloured_by_the_image_the
 
 
 def _chroma_slope(model: GOEmbedFusion, batch, t: int) -> float:
-    """Least-squares slope of x̂₀'s mean foreground chroma on x₀'s (bench/denoise_colour.py), at t."""
+    """How much of x₀'s mean foreground chroma x̂₀ keeps at t (metrics.chroma_slope, as bench/denoise_colour.py)."""
     view = Views(batch.target_images[:, :1], batch.target_K[:, :1], batch.target_c2w[:, :1]).resized(16)
-    x0 = view.images[:, 0] * 2 - 1
-    x_t = model.schedule.q_sample(x0, torch.full((x0.shape[0],), t), torch.randn(x0.shape, generator=torch.Generator().manual_seed(5)))
+    clean = view.images[:, 0]
+    x_t = model.schedule.q_sample(clean * 2 - 1, torch.full((clean.shape[0],), t),
+                                  torch.randn(clean.shape, generator=torch.Generator().manual_seed(5)))
     with torch.no_grad():
         made = model.x0_predictor(view.K[:, 0], view.c2w[:, 0], batch.background)(x_t, t)
-    mask = ((view.images[:, 0] - batch.background.view(-1, 3, 1, 1)).abs() > 0.03).any(1)
-    true, pred = ([(image[b] - image[b].mean(0, keepdim=True))[:, mask[b]].mean(1) for b in range(len(mask))] for image in (x0, made))
-    true, pred = torch.stack(true), torch.stack(pred)
-    return float((true * pred).sum() / (true * true).sum())
+    mask = foreground(clean, batch.background)
+    return chroma_slope(mean_chroma(clean * 2 - 1, mask), mean_chroma(made, mask))
 
 
 def test_with_the_band_wiener_gain_the_denoised_image_keeps_the_noisy_views_colour(tmp_path):

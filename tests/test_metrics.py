@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model_zoo.metrics import (UNAVAILABLE, InceptionFeatures, foreground, hue, InceptionV3Pool, RandomConvFeatures,
+from model_zoo.metrics import (UNAVAILABLE, InceptionFeatures, chroma_slope, foreground, hue, mean_chroma, InceptionV3Pool, RandomConvFeatures,
                                build_feature_extractor, fid_from_features, kernel_inception_distance, load_lpips, psnr,
                                psnr_from_mse, resize_bilinear_tf1, ssim)
 
@@ -307,3 +307,14 @@ def test_inception_refuses_without_weights_and_loads_a_state_dict_file(tmp_path)
     assert torch.equal(extractor.net.Mixed_7c.branch_pool.conv.weight, state["Mixed_7c.branch_pool.conv.weight"])
     out = extractor(torch.rand(1, 3, 64, 64))
     assert out.shape == (1, 2048) and torch.isfinite(out).all()
+
+
+def test_mean_chroma_is_the_masked_mean_off_grey_and_its_slope_the_fraction_kept():
+    images = torch.rand(4, 3, 8, 8)
+    mask = torch.rand(4, 8, 8) > 0.3
+    chroma = mean_chroma(images, mask)
+    by_hand = torch.stack([(images[n] - images[n].mean(0))[:, mask[n]].mean(1) for n in range(4)])
+    assert torch.allclose(chroma, by_hand, atol=1e-6)
+    assert torch.allclose(mean_chroma(images.mean(1, keepdim=True).expand(-1, 3, -1, -1), mask), torch.zeros(4, 3), atol=1e-7)
+    assert chroma_slope(chroma, chroma) == pytest.approx(1.0)
+    assert chroma_slope(chroma, 0.4 * chroma) == pytest.approx(0.4)
