@@ -42,6 +42,7 @@ from data_pipeline.reader import DatasetIndex, ReaderConfig, StreamingReader
 from data_pipeline.schema import object_key, parse_sample
 from data_pipeline.shards import read_sample_range
 from model_zoo.goembedfusion import GOEmbedFusion, Views
+from model_zoo.rays import spread_cameras
 from model_zoo.samplers import SAMPLERS
 from model_zoo.metrics import (UNAVAILABLE, FeatureExtractor, build_feature_extractor, fid_from_features,
                                foreground, hue, kernel_inception_distance, load_lpips, psnr, ssim)
@@ -183,14 +184,19 @@ DEFAULT_STEPS = 25
 def evaluate_generation(model: GOEmbedFusion, pattern: str, features: FeatureExtractor | str = "random",
                         views_per_object: int = 10, context_views: int = 0, steps: int = DEFAULT_STEPS,
                         guidance_scale: float = 1.0, sampler: str = DEFAULT_SAMPLER, guidance_on: str = "x0",
-                        sample_resolution: int | None = None, resolution: int | None = 128,
+                        made_views: int = 1, sample_resolution: int | None = None, resolution: int | None = 128,
                         max_objects: int | None = None, seed: int = 0, kid_subsets: int = 100,
                         kid_subset_size: int = 1000, num_workers: int = 0, storage_options: dict | None = None,
                         progress: bool = False) -> dict:
     """FID / KID between an object's real views and renders of a sample, OmniObject3D-style: per held-out
     object one sample (unconditional, or conditioned on ``context_views`` of its views), rendered at
     ``views_per_object`` of the object's own stored cameras (other than the context ones); the real
-    images are those same views. ``features``: a FeatureExtractor, or "random" (RandomConvFeatures)."""
+    images are those same views. ``features``: a FeatureExtractor, or "random" (RandomConvFeatures).
+
+    ``made_views``: the sampler makes an image at that many of the evaluation cameras, the first
+    one and then those farthest from the ones chosen (``rays.spread_cameras``), one after another,
+    each conditioned on those before (``GOEmbedFusion.sample_views``, DFM's autoregressive
+    sampling); 1 is a single image at the first evaluation camera."""
     model.eval()
     device = next(model.parameters()).device
     extractor = build_feature_extractor(features, seed=seed) if isinstance(features, str) else features
@@ -210,15 +216,15 @@ def evaluate_generation(model: GOEmbedFusion, pattern: str, features: FeatureExt
         images, K, c2w, background = images.to(device), K.to(device), c2w.to(device), background.to(device)
         context = Views(images[ctx][None], K[ctx][None], c2w[ctx][None]) if context_views else None
         height, width = images.shape[-2:]
-        # The sampler denoises an image at one camera (the first evaluation view), at its own width.
+        # The sampler denoises images at made_views of the evaluation cameras, at its own width.
         scale = torch.tensor([sample_resolution / width, sample_resolution / width, 1.0], device=device).view(3, 1)
+        made = views[spread_cameras(c2w[views], min(made_views, count))]
         # One generator per object, not per batch: the sample then does not depend on which rank
         # drew the object or what else was in its batch.
         generator = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
-        state, sources = model.sample(K[views[0]][None] * scale, c2w[views[0]][None], background[None], context=context,
-                                      steps=steps, guidance_scale=guidance_scale, resolution=sample_resolution,
-                                      generator=generator, sampler=sampler, guidance_on=guidance_on,
-                                      return_sources=True)
+        state, sources = model.sample_views(K[made][None] * scale, c2w[made][None], background[None], context=context,
+                                            steps=steps, guidance_scale=guidance_scale, resolution=sample_resolution,
+                                            generator=generator, sampler=sampler, guidance_on=guidance_on)
         fake = model.render(state, K[views][None], c2w[views][None], height, width, background[None],
                             sources=sources)[0]
         # PSNR to the object's own views: for conditional samples, how faithful they are to it.
@@ -243,7 +249,7 @@ def evaluate_generation(model: GOEmbedFusion, pattern: str, features: FeatureExt
     return {
         "task": "generation", "objects": len(keys), "images": len(real), "views_per_object": used_views,
         "context_views": context_views, "steps": steps, "sampler": sampler, "guidance_scale": guidance_scale,
-        "guidance_on": guidance_on,
+        "guidance_on": guidance_on, "made_views": made_views,
         "sample_resolution": sample_resolution, "resolution": resolution, "features": extractor.name,
         "fid": fid_from_features(real, generated), "kid": kid_mean, "kid_std": kid_std,
         # Mean PSNR of the renders to the true views; meaningful for conditional samples only.
@@ -279,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="classifier-free guidance (needs --generation-context-views > 0; 1 = none)")
     parser.add_argument("--guidance-on", choices=("state", "x0"), default="x0",
                         help="apply guidance to the 3D state ζ̂ or to its rendered x̂₀")
+    parser.add_argument("--made-views", type=positive_int, default=1,
+                        help="images the sampler makes per sample, one after another, each conditioned on the "
+                             "earlier ones (DFM's autoregressive sampling); 1: one image")
     parser.add_argument("--sample-resolution", type=positive_int, default=None, help="sampler image width (default: encode_resolution)")
     parser.add_argument("--batch-size", type=positive_int, default=4)
     parser.add_argument("--workers", type=nonnegative_int, default=0, help="reader worker processes per rank")
@@ -330,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             results["generation"] = evaluate_generation(
                 model, args.data, features=extractor, views_per_object=args.views_per_object,
                 context_views=args.generation_context_views, steps=args.steps, guidance_scale=args.guidance_scale,
-                sampler=args.sampler, guidance_on=args.guidance_on,
+                sampler=args.sampler, guidance_on=args.guidance_on, made_views=args.made_views,
                 sample_resolution=args.sample_resolution, **common)
         if rank == 0:
             text = json.dumps(results, indent=2)

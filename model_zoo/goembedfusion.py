@@ -525,6 +525,15 @@ class GOEmbedFusion(nn.Module):
         ``render(…, sources=)`` must read to colour the sample as the model made it: the context
         views and, with ``image_colour_noisy_target``, the image the sampler made.
         """
+        state, made = self._sample_image(target_K, target_c2w, background, context, steps, guidance_scale,
+                                         resolution, generator, sampler, guidance_on, callback)
+        return (state, self.sources(context, noisy=made)) if return_sources else state
+
+    def _sample_image(self, target_K: torch.Tensor, target_c2w: torch.Tensor, background: torch.Tensor,
+                      context: Views | None, steps: int = 50, guidance_scale: float = 1.0, resolution: int | None = None,
+                      generator: torch.Generator | None = None, sampler: str = "dpmpp_2m",
+                      guidance_on: GuidanceOn = "x0", callback: Callback | None = None) -> tuple[torch.Tensor, Views]:
+        """(ζ, the image the sampler made as a clean view in [0, 1] at the target camera)."""
         width = height = resolution or self.config.encode_resolution  # square, like the training renders
         batch = target_K.shape[0]
         device = background.device
@@ -532,10 +541,35 @@ class GOEmbedFusion(nn.Module):
         noise = torch.randn(batch, 3, height, width, generator=generator, device=draw).to(device)
         model = self.x0_predictor(target_K, target_c2w, background, context, guidance_scale, guidance_on)
         image = get_sampler(sampler)(model, noise, self.schedule.ddim_timesteps(steps), self.schedule, callback=callback)
-        if not return_sources:
-            return model.state
         made = Views(((image.float().clamp(-1, 1) + 1) / 2).unsqueeze(1), target_K.unsqueeze(1), target_c2w.unsqueeze(1))
-        return model.state, self.sources(context, noisy=made)
+        return model.state, made
+
+    @torch.no_grad()
+    def sample_views(self, target_K: torch.Tensor, target_c2w: torch.Tensor, background: torch.Tensor,
+                     context: Views | None = None, callback: Callback | None = None, **options):
+        """DFM's autoregressive sampling: one image per target camera, in order, each sampled with the
+        context and every image made before it as clean context views. (ζ, sources) of the last one,
+        as ``sample(…, return_sources=True)`` gives them: ζ was conditioned on all the earlier images,
+        and with ``image_colour`` its renders read them (and the last) for colour.
+
+        Why: a single made image fixes only the side of the object its camera sees; renders from the
+        other sides read ψ's colour alone (measured: a quarter of the made view's hue, README
+        "Unconditional colour"). target_K (B, V, 3, 3) for images of width ``resolution``,
+        target_c2w (B, V, 4, 4); ``options`` are ``sample``'s. ``callback`` also gets "view" (its index).
+        The model was trained with up to ``data.context_views_max`` context views: keep V − 1 plus the
+        context within that.
+        """
+        if target_K.dim() != 4 or target_c2w.dim() != 4:
+            raise ValueError(f"sample_views takes target_K (B, V, 3, 3) and target_c2w (B, V, 4, 4), "
+                             f"got {tuple(target_K.shape)} and {tuple(target_c2w.shape)}")
+        made = context if context is not None and context.count else None
+        for view in range(target_K.shape[1]):
+            report = None if callback is None else (lambda info, view=view: callback({**info, "view": view}))
+            state, image = self._sample_image(target_K[:, view], target_c2w[:, view], background, made,
+                                              callback=report, **options)
+            if view + 1 < target_K.shape[1]:  # the last image is read as the made image, as in sample()
+                made = image if made is None else made.join(image.resized(made.images.shape[-1]))
+        return state, self.sources(made, noisy=image)
 
     def describe(self) -> dict:
         return {"config": asdict(self.config), "parameters": sum(p.numel() for p in self.parameters()),

@@ -69,6 +69,22 @@ def view_rays(K: torch.Tensor, c2w: torch.Tensor, height: int, width: int,
     return rays_from_pixels(K, c2w, uv)
 
 
+def spread_cameras(c2w: torch.Tensor, count: int) -> list[int]:
+    """Indices of ``count`` of the cameras c2w (V, 4, 4), first 0, then each the one whose centre's
+    direction from the origin is farthest from those already chosen (farthest-point sampling):
+    views that together see as much of an object at the origin as so few can."""
+    if not 1 <= count <= c2w.shape[0]:
+        raise ValueError(f"count must be between 1 and the {c2w.shape[0]} cameras, got {count}")
+    directions = torch.nn.functional.normalize(c2w[:, :3, 3].double(), dim=-1)
+    chosen = [0]
+    nearest = 1 - directions @ directions[0]  # cosine distance to the nearest chosen camera
+    while len(chosen) < count:
+        index = int(nearest.argmax())
+        chosen.append(index)
+        nearest = torch.minimum(nearest, 1 - directions @ directions[index])
+    return chosen
+
+
 def intersect_box(origins: torch.Tensor, directions: torch.Tensor, half_size: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Slab test against the cube [-h, h]^3: (t_near, t_far, hit), each (...,)."""
     # Avoid division by zero for axis-parallel rays: a tiny direction gives a huge, correct-signed t.

@@ -72,6 +72,10 @@ def test_generation_gives_finite_fid_and_kid_with_random_features(holdout, model
     conditioned = evaluate_generation(model, holdout, features="random", context_views=3, steps=2, resolution=16,
                                       max_objects=2, kid_subsets=5)
     assert conditioned["views_per_object"] == 9 and math.isfinite(conditioned["fid"])
+    # Three images made one after another, at spread evaluation cameras: a different sample.
+    made = evaluate_generation(model, holdout, features="random", views_per_object=10, steps=2, resolution=16,
+                               sample_resolution=16, max_objects=3, kid_subsets=10, made_views=3)
+    assert made["made_views"] == 3 and made["images"] == 30 and math.isfinite(made["fid"]) and made["fid"] != results["fid"]
 
 
 def test_cli_refuses_generation_without_a_feature_extractor(holdout):

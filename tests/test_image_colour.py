@@ -249,6 +249,44 @@ def test_a_noisy_target_model_trains_and_its_sample_is_coloured_by_the_image_the
     assert not torch.allclose(coloured, grey)
 
 
+def test_sample_views_conditions_each_made_image_on_those_before(tmp_path):
+    # DFM's autoregressive sampling against the same steps written out with sample(): image 1 is an
+    # unconditional sample, image 2 is sampled with image 1 as a clean context view, and the result
+    # is image 2's ζ with image 1 as context and image 2 as the made source. One view is sample().
+    summary = generate_dataset(str(tmp_path), objects=2, views=6, resolution=32, seed=2, holdout_fraction=0.0,
+                               workers=1, progress=False)
+    batch = next(iter(StreamingReader(ReaderConfig(summary["train_pattern"], batch_size=2, context_views_min=0,
+                                                   context_views_max=0, target_views=2, num_workers=0))))
+    torch.manual_seed(0)
+    model = GOEmbedFusion(ModelConfig(encode_resolution=16, rays_per_view=32, image_colour=True,
+                                      image_colour_noisy_target=True, image_colour_levels=2)).eval()
+    K16 = batch.target_K * torch.tensor([0.5, 0.5, 1.0]).view(3, 1)
+    options = dict(steps=2, sampler="ddim")
+    seen = []
+    state, sources = model.sample_views(K16, batch.target_c2w, batch.background, generator=torch.Generator().manual_seed(3),
+                                        callback=lambda info: seen.append((info["view"], info["i"])), **options)
+    assert seen == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    generator = torch.Generator().manual_seed(3)
+    _, first = model.sample(K16[:, 0], batch.target_c2w[:, 0], batch.background, generator=generator,
+                            return_sources=True, **options)
+    made = Views(first[0].images, first[0].K, first[0].c2w)
+    expected, expected_sources = model.sample(K16[:, 1], batch.target_c2w[:, 1], batch.background, context=made,
+                                              generator=generator, return_sources=True, **options)
+    torch.testing.assert_close(state, expected, rtol=0, atol=0)
+    assert [group.count for group in sources] == [1, 1]
+    for group, want in zip(sources, expected_sources):
+        torch.testing.assert_close(group.images, want.images, rtol=0, atol=0)
+        torch.testing.assert_close(group.c2w, want.c2w, rtol=0, atol=0)
+    one, one_sources = model.sample_views(K16[:, :1], batch.target_c2w[:, :1], batch.background,
+                                          generator=torch.Generator().manual_seed(3), **options)
+    single, single_sources = model.sample(K16[:, 0], batch.target_c2w[:, 0], batch.background,
+                                          generator=torch.Generator().manual_seed(3), return_sources=True, **options)
+    torch.testing.assert_close(one, single, rtol=0, atol=0)
+    torch.testing.assert_close(one_sources[0].images, single_sources[0].images, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="target_K"):
+        model.sample_views(K16[:, 0], batch.target_c2w[:, 0], batch.background, **options)
+
+
 def _chroma_slope(model: GOEmbedFusion, batch, t: int) -> float:
     """How much of x₀'s mean foreground chroma x̂₀ keeps at t (metrics.chroma_slope, as bench/denoise_colour.py)."""
     view = Views(batch.target_images[:, :1], batch.target_K[:, :1], batch.target_c2w[:, :1]).resized(16)

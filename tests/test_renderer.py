@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from data_pipeline.cameras import intrinsics_from_fov, look_at_c2w, project_points
-from model_zoo.rays import gather_pixels, intersect_box, patch_pixel_indices, pixel_centers, rays_from_pixels, view_rays
+from model_zoo.rays import (gather_pixels, intersect_box, patch_pixel_indices, pixel_centers, rays_from_pixels,
+                            spread_cameras, view_rays)
 from model_zoo.renderer import FieldDecoder, VolumeRenderer, composite
 from model_zoo.representations import build_representation
 
@@ -115,6 +116,18 @@ def test_pixel_helpers():
     origins, directions = view_rays(torch.eye(3).expand(1, 2, 3, 3) * 4 + torch.tensor([[0, 0, 2], [0, 0, 2], [0, 0, -3]]),
                                     torch.eye(4).expand(1, 2, 4, 4), 4, 4)
     assert origins.shape == (1, 2, 16, 3) and torch.allclose(directions.norm(dim=-1), torch.ones(1, 2, 16))
+
+
+def test_spread_cameras_picks_the_opposite_camera_then_the_quarter_turns():
+    # Eight cameras on a circle, 45° apart: from camera 0 the farthest is the opposite one (4),
+    # then one of the two a quarter turn from both (2 or 6: the first of a tie), then the other.
+    angles = torch.arange(8, dtype=torch.float64) * math.pi / 4
+    c2w = torch.eye(4, dtype=torch.float64).repeat(8, 1, 1)
+    c2w[:, :3, 3] = torch.stack([3 * angles.cos(), 3 * angles.sin(), torch.zeros(8, dtype=torch.float64)], -1)
+    assert spread_cameras(c2w, 1) == [0]
+    assert spread_cameras(c2w, 4) == [0, 4, 2, 6]
+    with pytest.raises(ValueError, match="count"):
+        spread_cameras(c2w, 9)
 
 
 def test_intersect_box_axis_parallel_rays():
