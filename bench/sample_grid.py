@@ -4,7 +4,10 @@
 
 One row per object (the first ``--objects`` in shard order): its 3 context views | the true
 held-out view | ``reconstruct`` from the context | a conditional sample (on the 3 views) | an
-unconditional sample — all three rendered at the held-out view's camera. Views and noise come
+unconditional sample — all three rendered at the held-out view's camera. With ``--made-views N``
+the unconditional sample makes N images (``GOEmbedFusion.sample_views``: the held-out view's
+camera, then others spread round the object), and one more column shows it from the camera
+farthest from the held-out view: the side a single made image does not see. Views and noise come
 from (seed, object id), as in ``model_zoo.evaluate``.
 """
 
@@ -22,27 +25,36 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from model_zoo.evaluate import _object_rng, iter_objects
 from model_zoo.goembedfusion import Views
+from model_zoo.rays import spread_cameras
 
 
 @torch.no_grad()
-def rows(model, data: str, objects: int, resolution: int, steps: int, sampler: str, seed: int) -> list[list[torch.Tensor]]:
+def rows(model, data: str, objects: int, resolution: int, steps: int, sampler: str, seed: int,
+         made_views: int = 1) -> list[list[torch.Tensor]]:
     out = []
     sample_width = model.config.encode_resolution
     for object_id, images, K, c2w, background in iter_objects(data, resolution, objects):
         rng = _object_rng(seed, object_id)
         chosen = rng.permutation(images.shape[0])
         ctx, view = chosen[:3], chosen[3]
+        others = chosen[3:][spread_cameras(c2w[chosen[3:]], max(made_views, 2))]  # view first, then spread
         context = Views(images[ctx][None], K[ctx][None], c2w[ctx][None])
         bg = background[None]
         scale = torch.tensor([sample_width / resolution, sample_width / resolution, 1.0]).view(3, 1)
         generator = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
         states = [(model.reconstruct(context, bg), model.sources(context))]
-        for condition in (context, None):
-            states.append(model.sample(K[view][None] * scale, c2w[view][None], bg, context=condition, steps=steps,
-                                       sampler=sampler, generator=generator, return_sources=True))
+        states.append(model.sample(K[view][None] * scale, c2w[view][None], bg, context=context, steps=steps,
+                                   sampler=sampler, generator=generator, return_sources=True))
+        made = others[:made_views]
+        states.append(model.sample_views(K[made][None] * scale, c2w[made][None], bg, steps=steps, sampler=sampler,
+                                         generator=generator))
         renders = [model.render(s, K[view][None, None], c2w[view][None, None], resolution, resolution, bg,
                                 sources=sources)[0, 0]
                    for s, sources in states]
+        if made_views > 1:  # the unconditional sample from the far side too
+            far = others[1]
+            renders.append(model.render(states[-1][0], K[far][None, None], c2w[far][None, None], resolution, resolution,
+                                        bg, sources=states[-1][1])[0, 0])
         out.append([*images[ctx], images[view], *renders])
         if len(out) == objects:
             break
@@ -70,11 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--sampler", default="ddim")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--made-views", type=int, default=1,
+                        help="images the unconditional sample makes, one after another (default 1)")
     args = parser.parse_args(argv)
     from model_zoo.loading import load
 
     model = load(args.model, "cpu")
-    save(rows(model, args.data, args.objects, args.resolution, args.steps, args.sampler, args.seed), args.out)
+    save(rows(model, args.data, args.objects, args.resolution, args.steps, args.sampler, args.seed, args.made_views),
+         args.out)
     print(args.out)
     return 0
 
