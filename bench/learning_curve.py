@@ -31,7 +31,7 @@ def checkpoints(run_dir: Path) -> list[Path]:
 
 
 def evaluate(checkpoint: Path, data: str, steps: int, max_objects: int | None, ema: bool,
-             generation_context_views: int = 0) -> dict:
+             generation_context_views: int = 0, made_views: int = 1) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         export = os.path.join(tmp, "export")
         subprocess.run([sys.executable, "-m", "model_zoo.export", str(checkpoint), export] + ([] if ema else ["--no-ema"]),
@@ -39,7 +39,8 @@ def evaluate(checkpoint: Path, data: str, steps: int, max_objects: int | None, e
         out = os.path.join(tmp, "results.json")
         command = [sys.executable, "-m", "model_zoo.evaluate", "--model", export, "--data", data, "--task", "both",
                    "--context-views", "3", "--resolution", "64", "--features", "random", "--sampler", "ddim", "--steps", str(steps),
-                   "--generation-context-views", str(generation_context_views), "--out", out]
+                   "--generation-context-views", str(generation_context_views), "--made-views", str(made_views),
+                   "--out", out]
         if max_objects:
             command += ["--max-objects", str(max_objects)]
         subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -48,7 +49,8 @@ def evaluate(checkpoint: Path, data: str, steps: int, max_objects: int | None, e
     rec, gen = results["reconstruction"], results["generation"]
     return {"step": int(checkpoint.name.split("_")[1]), "psnr": rec["psnr"], "ssim": rec["ssim"], "hue": rec["hue"],
             "truth_hue": rec["truth_hue"], "fid": gen["fid"],
-            "kid": gen["kid"], "generation_hue": gen["hue"], "generation_truth_hue": gen["truth_hue"], "generation_context_views": generation_context_views, "objects": rec["objects"],
+            "kid": gen["kid"], "generation_hue": gen["hue"], "generation_truth_hue": gen["truth_hue"], "generation_context_views": generation_context_views,
+            "made_views": made_views, "objects": rec["objects"],
             "sampler": "ddim", "sampler_steps": steps, "weights": "ema" if ema else "trained"}
 
 
@@ -81,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=int, default=1, help="only checkpoints whose step is a multiple of this")
     parser.add_argument("--generation-context-views", type=int, default=0,
                         help="context views the generated samples are conditioned on (default 0: unconditional FID/KID)")
+    parser.add_argument("--made-views", type=int, default=1,
+                        help="images each generated sample makes, one after another (model_zoo.evaluate --made-views)")
     parser.add_argument("--no-ema", action="store_true",
                         help="the trained weights, not the EMA (an EMA of decay d still holds d^step of the initial weights)")
     args = parser.parse_args(argv)
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         if step in done or step % args.every:
             continue
         row = evaluate(checkpoint, args.data, args.steps, args.max_objects, ema=not args.no_ema,
-                       generation_context_views=args.generation_context_views)
+                       generation_context_views=args.generation_context_views, made_views=args.made_views)
         print(json.dumps(row), flush=True)
         rows.append(row)
         with open(out, "a") as f:
