@@ -540,7 +540,8 @@ class GOEmbedFusion(nn.Module):
         draw = generator.device if generator is not None else device
         noise = torch.randn(batch, 3, height, width, generator=generator, device=draw).to(device)
         model = self.x0_predictor(target_K, target_c2w, background, context, guidance_scale, guidance_on)
-        image = get_sampler(sampler)(model, noise, self.schedule.ddim_timesteps(steps), self.schedule, callback=callback)
+        image = get_sampler(sampler)(model, noise, self.schedule.ddim_timesteps(steps), self.schedule, callback=callback,
+                                     generator=generator)
         made = Views(((image.float().clamp(-1, 1) + 1) / 2).unsqueeze(1), target_K.unsqueeze(1), target_c2w.unsqueeze(1))
         return model.state, made
 

@@ -2,7 +2,7 @@
 
 Every sampler has the signature
 
-    sampler(model, noise, timesteps, schedule, callback=None, **options) -> x₀
+    sampler(model, noise, timesteps, schedule, callback=None, generator=None, **options) -> x₀
 
 * ``model(x_t, t) -> x̂₀``: any callable that predicts the clean image from a noisy one at the
   integer timestep ``t`` (GOEmbedFusion's is "encode, denoise in 3D, render", see
@@ -10,7 +10,8 @@ Every sampler has the signature
 * ``noise``: x_T, the starting point (standard normal at the model's encode resolution);
 * ``timesteps``: decreasing integer timesteps, e.g. ``schedule.ddim_timesteps(50)``;
 * ``callback({"i", "steps", "t", "x", "denoised"})`` after every model call: progress bars,
-  previews, recording a trajectory.
+  previews, recording a trajectory;
+* ``generator``: where a stochastic sampler draws its fresh noise (the deterministic ones ignore it).
 
 A new sampler is a new function here; nothing in the model changes. ``SAMPLERS`` names them for
 configs and command lines.
@@ -48,15 +49,27 @@ def sample_ddim(model: X0Model, noise: torch.Tensor, timesteps: Sequence[int], s
 
 
 @torch.no_grad()
+def sample_ddpm(model: X0Model, noise: torch.Tensor, timesteps: Sequence[int], schedule: CosineSchedule,
+                callback: Callback | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """DDPM's ancestral sampling (Ho et al. 2020) on the given timesteps: DDIM with eta = 1, each step
+    drawing fresh noise with the posterior's variance. Why a stochastic sampler: the fresh noise
+    lets later steps correct an imperfect denoiser's errors, which a deterministic sampler carries
+    to the end (measured: GOEmbedFusion's deterministic samples have ~1.2–1.7× the true objects'
+    silhouette area, ancestral ones ~1.05×; README "Unconditional samples")."""
+    return sample_ddim(model, noise, timesteps, schedule, callback=callback, eta=1.0, generator=generator)
+
+
+@torch.no_grad()
 def sample_dpmpp_2m(model: X0Model, noise: torch.Tensor, timesteps: Sequence[int], schedule: CosineSchedule,
-                    callback: Callback | None = None) -> torch.Tensor:
+                    callback: Callback | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022), the multistep second-order solver in data (x₀) space.
 
     With λ = log(α/σ) (α = √ᾱ, σ = √(1−ᾱ)) and h = λ_next − λ_now, one step is
     x_next = (σ_next/σ_now)·x − α_next·(e^{−h} − 1)·D, where D = x̂₀ on the first step (then it
     equals DDIM) and D = (1 + 1/2r)·x̂₀ − (1/2r)·x̂₀_prev afterwards (r = h_prev / h). It reuses the
     previous model call, so it costs one model call per step like DDIM. The step into the last
-    timestep is first order, and the last model call's x̂₀ is the result.
+    timestep is first order, and the last model call's x̂₀ is the result. Deterministic: ``generator``
+    is not used.
     """
     x = noise
     previous, h_previous = None, None
@@ -84,7 +97,7 @@ def sample_dpmpp_2m(model: X0Model, noise: torch.Tensor, timesteps: Sequence[int
     return x
 
 
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m}
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m, "ddpm": sample_ddpm}
 
 
 def get_sampler(name: str) -> Callable[..., torch.Tensor]:
@@ -94,4 +107,4 @@ def get_sampler(name: str) -> Callable[..., torch.Tensor]:
         raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}") from None
 
 
-__all__ = ["SAMPLERS", "get_sampler", "sample_ddim", "sample_dpmpp_2m"]
+__all__ = ["SAMPLERS", "get_sampler", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m"]
