@@ -231,9 +231,12 @@ def evaluate_generation(model: GOEmbedFusion, pattern: str, features: FeatureExt
         fidelity = float(psnr(fake.float(), images[views]).mean())
         # How colourful a sample is where it has an object (its own foreground), beside the real views.
         bg = background.expand(count, 3)
-        colourful = (float(hue(fake.float(), foreground(fake, bg)).nanmean()),
-                     float(hue(images[views].float(), foreground(images[views], bg)).nanmean()))
-        local[object_id] = (extractor(images[views]).cpu().numpy(), extractor(fake).cpu().numpy(), fidelity, *colourful)
+        fake_fg, real_fg = foreground(fake, bg), foreground(images[views], bg)
+        colourful = (float(hue(fake.float(), fake_fg).nanmean()), float(hue(images[views].float(), real_fg).nanmean()))
+        # How much of the image a sample covers, beside the real views: too big (fog) or too small.
+        covers = (float(fake_fg.float().mean()), float(real_fg.float().mean()))
+        local[object_id] = (extractor(images[views]).cpu().numpy(), extractor(fake).cpu().numpy(), fidelity, *colourful,
+                            *covers)
     results = _gather(local)
     if not results:
         raise ValueError(f"no objects evaluated from {pattern}")
@@ -256,7 +259,10 @@ def evaluate_generation(model: GOEmbedFusion, pattern: str, features: FeatureExt
         "psnr_to_object": float(np.mean([results[key][2] for key in keys])),
         # metrics.hue of the samples on their own foreground and of the real views on theirs.
         "hue": float(np.nanmean([results[key][3] for key in keys])),
-        "truth_hue": float(np.nanmean([results[key][4] for key in keys])), "notes": notes,
+        "truth_hue": float(np.nanmean([results[key][4] for key in keys])),
+        # The mean fraction of pixels that are not background (metrics.foreground), samples and real views.
+        "coverage": float(np.mean([results[key][5] for key in keys])),
+        "truth_coverage": float(np.mean([results[key][6] for key in keys])), "notes": notes,
     }
 
 
@@ -302,7 +308,8 @@ def format_table(results: dict) -> str:
     for task, values in results.items():
         if not isinstance(values, dict):
             continue
-        names = ("psnr", "ssim", "lpips", "hue", "truth_hue") if task == "reconstruction" else ("fid", "kid", "kid_std", "hue", "truth_hue")
+        names = ("psnr", "ssim", "lpips", "hue", "truth_hue") if task == "reconstruction" else ("fid", "kid", "kid_std", "hue", "truth_hue",
+                                                                                             "coverage", "truth_coverage")
         cells = [f"{name}={values[name]:.4f}" if isinstance(values[name], float) else f"{name}={values[name]}"
                  for name in names]
         rows.append(f"{task:<15} objects={values['objects']:<5} " + "  ".join(cells))
