@@ -24,6 +24,16 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SIZE = 12
 
 
+def synthetic_batch(tmp_path, objects: int, batch_size: int, context_views: int, seed: int):
+    """The first reader batch of a fresh 32 px synthetic set of ``objects``: ``context_views``
+    context views and 2 target views per object."""
+    summary = generate_dataset(str(tmp_path), objects=objects, views=6, resolution=32, seed=seed, holdout_fraction=0.0,
+                               workers=1, progress=False)
+    return next(iter(StreamingReader(ReaderConfig(summary["train_pattern"], batch_size=batch_size,
+                                                  context_views_min=context_views, context_views_max=context_views,
+                                                  target_views=2, num_workers=0))))
+
+
 def cameras(count: int):
     """``count`` OpenCV cameras on a circle looking at the origin, for SIZE × SIZE images."""
     K = torch.as_tensor(intrinsics_from_fov(SIZE, SIZE, math.radians(50.0)), dtype=torch.float64)
@@ -166,10 +176,7 @@ def test_with_image_colour_the_reconstruction_follows_the_views_colours(tmp_path
 
 
 def test_it_trains_under_bf16_autocast_renders_in_bf16_weights_and_samples_with_guidance(tmp_path):
-    summary = generate_dataset(str(tmp_path), objects=4, views=6, resolution=32, seed=2, holdout_fraction=0.0,
-                               workers=1, progress=False)
-    batch = next(iter(StreamingReader(ReaderConfig(summary["train_pattern"], batch_size=2, context_views_min=2,
-                                                   context_views_max=2, target_views=2, num_workers=0))))
+    batch = synthetic_batch(tmp_path, objects=4, batch_size=2, context_views=2, seed=2)
     torch.manual_seed(0)
     model = GOEmbedFusion(ModelConfig(encode_resolution=16, rays_per_view=32, image_colour=True))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -224,10 +231,7 @@ def test_the_noise_level_reaches_the_blend_only_when_it_is_noise_aware():
 def test_a_noisy_target_model_trains_and_its_sample_is_coloured_by_the_image_the_sampler_made(tmp_path):
     with pytest.raises(ValueError, match="image_colour_noisy_target"):
         ModelConfig(image_colour_noisy_target=True)
-    summary = generate_dataset(str(tmp_path), objects=4, views=6, resolution=32, seed=2, holdout_fraction=0.0,
-                               workers=1, progress=False)
-    batch = next(iter(StreamingReader(ReaderConfig(summary["train_pattern"], batch_size=2, context_views_min=2,
-                                                   context_views_max=2, target_views=2, num_workers=0))))
+    batch = synthetic_batch(tmp_path, objects=4, batch_size=2, context_views=2, seed=2)
     torch.manual_seed(0)
     model = GOEmbedFusion(ModelConfig(encode_resolution=16, rays_per_view=32, image_colour=True,
                                       image_colour_noisy_target=True, image_colour_levels=4))
@@ -253,10 +257,7 @@ def test_sample_views_conditions_each_made_image_on_those_before(tmp_path):
     # DFM's autoregressive sampling against the same steps written out with sample(): image 1 is an
     # unconditional sample, image 2 is sampled with image 1 as a clean context view, and the result
     # is image 2's ζ with image 1 as context and image 2 as the made source. One view is sample().
-    summary = generate_dataset(str(tmp_path), objects=2, views=6, resolution=32, seed=2, holdout_fraction=0.0,
-                               workers=1, progress=False)
-    batch = next(iter(StreamingReader(ReaderConfig(summary["train_pattern"], batch_size=2, context_views_min=0,
-                                                   context_views_max=0, target_views=2, num_workers=0))))
+    batch = synthetic_batch(tmp_path, objects=2, batch_size=2, context_views=0, seed=2)
     torch.manual_seed(0)
     model = GOEmbedFusion(ModelConfig(encode_resolution=16, rays_per_view=32, image_colour=True,
                                       image_colour_noisy_target=True, image_colour_levels=2)).eval()
@@ -303,10 +304,7 @@ def test_with_the_band_wiener_gain_the_denoised_image_keeps_the_noisy_views_colo
     # Unconditional denoising of a moderately noisy view (t = 300): after 50 steps on one batch the
     # band-wise Wiener gain keeps ~0.36–0.39 of x₀'s colour in x̂₀, the learned gain ≤ 0.11 (seeds
     # 0 and 1; both start at 0.01). README, "Unconditional colour".
-    summary = generate_dataset(str(tmp_path), objects=8, views=6, resolution=32, seed=3, holdout_fraction=0.0,
-                               workers=1, progress=False)
-    batch = next(iter(StreamingReader(ReaderConfig(summary["train_pattern"], batch_size=8, context_views_min=0,
-                                                   context_views_max=0, target_views=2, num_workers=0))))
+    batch = synthetic_batch(tmp_path, objects=8, batch_size=8, context_views=0, seed=3)
     slopes = {}
     for gain in ("learned", "wiener_bands"):
         torch.manual_seed(0)
