@@ -293,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="apply guidance to the 3D state ζ̂ or to its rendered x̂₀")
     parser.add_argument("--made-views", type=positive_int, default=1,
                         help="images the sampler makes per sample, one after another, each conditioned on the "
-                             "earlier ones (DFM's autoregressive sampling); 1: one image")
+                             "earlier ones (DFM's autoregressive sampling; default 1: one image). Keep "
+                             "--generation-context-views + N - 1 within the training's data.context_views_max")
     parser.add_argument("--sample-resolution", type=positive_int, default=None, help="sampler image width (default: encode_resolution)")
     parser.add_argument("--batch-size", type=positive_int, default=4)
     parser.add_argument("--workers", type=nonnegative_int, default=0, help="reader worker processes per rank")
