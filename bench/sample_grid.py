@@ -37,7 +37,7 @@ def rows(model, data: str, objects: int, resolution: int, steps: int, sampler: s
         rng = _object_rng(seed, object_id)
         chosen = rng.permutation(images.shape[0])
         ctx, view = chosen[:3], chosen[3]
-        others = chosen[3:][spread_cameras(c2w[chosen[3:]], max(made_views, 2))]  # view first, then spread
+        made = chosen[3:][spread_cameras(c2w[chosen[3:]], made_views)]  # the held-out view first, then spread
         context = Views(images[ctx][None], K[ctx][None], c2w[ctx][None])
         bg = background[None]
         scale = torch.tensor([sample_width / resolution, sample_width / resolution, 1.0]).view(3, 1)
@@ -45,14 +45,13 @@ def rows(model, data: str, objects: int, resolution: int, steps: int, sampler: s
         states = [(model.reconstruct(context, bg), model.sources(context))]
         states.append(model.sample(K[view][None] * scale, c2w[view][None], bg, context=context, steps=steps,
                                    sampler=sampler, generator=generator, return_sources=True))
-        made = others[:made_views]
         states.append(model.sample_views(K[made][None] * scale, c2w[made][None], bg, steps=steps, sampler=sampler,
                                          generator=generator))
         renders = [model.render(s, K[view][None, None], c2w[view][None, None], resolution, resolution, bg,
                                 sources=sources)[0, 0]
                    for s, sources in states]
         if made_views > 1:  # the unconditional sample from the far side too
-            far = others[1]
+            far = made[1]
             renders.append(model.render(states[-1][0], K[far][None, None], c2w[far][None, None], resolution, resolution,
                                         bg, sources=states[-1][1])[0, 0])
         out.append([*images[ctx], images[view], *renders])
