@@ -530,10 +530,11 @@ class GOEmbedFusion(nn.Module):
         return (state, self.sources(context, noisy=made)) if return_sources else state
 
     def _sample_image(self, target_K: torch.Tensor, target_c2w: torch.Tensor, background: torch.Tensor,
-                      context: Views | None, steps: int = 50, guidance_scale: float = 1.0, resolution: int | None = None,
-                      generator: torch.Generator | None = None, sampler: str = "dpmpp_2m",
-                      guidance_on: GuidanceOn = "x0", callback: Callback | None = None) -> tuple[torch.Tensor, Views]:
-        """(ζ, the image the sampler made as a clean view in [0, 1] at the target camera)."""
+                      context: Views | None, steps: int, guidance_scale: float, resolution: int | None,
+                      generator: torch.Generator | None, sampler: str, guidance_on: GuidanceOn,
+                      callback: Callback | None) -> tuple[torch.Tensor, Views]:
+        """(ζ, the image the sampler made as a clean view in [0, 1] at the target camera); the defaults
+        are the public methods' (``sample``, ``sample_views``)."""
         width = height = resolution or self.config.encode_resolution  # square, like the training renders
         batch = target_K.shape[0]
         device = background.device
@@ -547,7 +548,9 @@ class GOEmbedFusion(nn.Module):
 
     @torch.no_grad()
     def sample_views(self, target_K: torch.Tensor, target_c2w: torch.Tensor, background: torch.Tensor,
-                     context: Views | None = None, callback: Callback | None = None, **options):
+                     context: Views | None = None, steps: int = 50, guidance_scale: float = 1.0,
+                     resolution: int | None = None, generator: torch.Generator | None = None,
+                     sampler: str = "dpmpp_2m", guidance_on: GuidanceOn = "x0", callback: Callback | None = None):
         """DFM's autoregressive sampling: one image per target camera, in order, each sampled with the
         context and every image made before it as clean context views. (ζ, sources) of the last one,
         as ``sample(…, return_sources=True)`` gives them: ζ was conditioned on all the earlier images,
@@ -556,7 +559,8 @@ class GOEmbedFusion(nn.Module):
         Why: a single made image fixes only the side of the object its camera sees; renders from the
         other sides read ψ's colour alone (measured: a quarter of the made view's hue, README
         "Unconditional colour"). target_K (B, V, 3, 3) for images of width ``resolution``,
-        target_c2w (B, V, 4, 4); ``options`` are ``sample``'s. ``callback`` also gets "view" (its index).
+        target_c2w (B, V, 4, 4); the other arguments are ``sample``'s, and ``callback`` also gets
+        "view" (its index).
         The model was trained with up to ``data.context_views_max`` context views: keep V − 1 plus the
         context within that.
         """
@@ -566,8 +570,8 @@ class GOEmbedFusion(nn.Module):
         made = context if context is not None and context.count else None
         for view in range(target_K.shape[1]):
             report = None if callback is None else (lambda info, view=view: callback({**info, "view": view}))
-            state, image = self._sample_image(target_K[:, view], target_c2w[:, view], background, made,
-                                              callback=report, **options)
+            state, image = self._sample_image(target_K[:, view], target_c2w[:, view], background, made, steps,
+                                              guidance_scale, resolution, generator, sampler, guidance_on, report)
             if view + 1 < target_K.shape[1]:  # the last image is read as the made image, as in sample()
                 made = image if made is None else made.join(image.resized(made.images.shape[-1]))
         return state, self.sources(made, noisy=image)
