@@ -53,17 +53,24 @@ def hue(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
     Not a perceptual measure; it makes one failure visible that PSNR hides: a model whose renders
     have the right brightness and no hue (README, "The longer CPU run")."""
-    images = images.float()
-    chroma = (images - images.mean(1, keepdim=True)).abs().mean(1)  # (N, H, W)
-    weights = mask.to(chroma.dtype)
-    return (chroma * weights).flatten(1).sum(1) / weights.flatten(1).sum(1)
+    return _masked_mean(_off_grey(images).abs().mean(1, keepdim=True), mask)[:, 0]
 
 
 def mean_chroma(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(N, 3): the mean of c − mean_RGB(c) over the pixels of images (N, 3, H, W) where ``mask`` (N, H, W) is set."""
-    chroma = images.float() - images.float().mean(1, keepdim=True)
-    weights = mask.to(chroma.dtype).unsqueeze(1)
-    return (chroma * weights).flatten(2).sum(2) / weights.flatten(2).sum(2)
+    return _masked_mean(_off_grey(images), mask)
+
+
+def _off_grey(images: torch.Tensor) -> torch.Tensor:
+    """c − mean_RGB(c) per pixel of images (N, 3, H, W), in float32."""
+    images = images.float()
+    return images - images.mean(1, keepdim=True)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(N, C): the mean of values (N, C, H, W) over the pixels where ``mask`` (N, H, W) is set (NaN where none is)."""
+    weights = mask.to(values.dtype).unsqueeze(1)
+    return (values * weights).flatten(2).sum(2) / weights.flatten(2).sum(2)
 
 
 def chroma_slope(true: torch.Tensor, made: torch.Tensor) -> float:
