@@ -134,6 +134,10 @@ class ModelConfig:
         "how much a noisy reading counts: learned (by the blend's MLP alone) | wiener (each level first shrunk "
         "towards ψ's colour by s²/(s² + σ_l²), its noise std σ_l after the box filter, s learned) | wiener_bands "
         "(the same for the pyramid's band-pass differences: fine detail dropped first); needs image_colour_noisy_target"))
+    image_colour_own_view: bool = Field(False, description=(
+        "a ray from a source view's own camera takes that view's pixel, shrunk by its gain, with no learned "
+        "blend (EDM's c_skip: x̂₀ at the noisy target's camera follows x_t as σ → 0); needs image_colour, and "
+        "a wiener gain with image_colour_noisy_target"))
 
     @pydantic.model_validator(mode="after")
     def _lpips_weights(self):
@@ -147,6 +151,11 @@ class ModelConfig:
             raise ValueError("image_colour_noisy_target and image_colour_levels need image_colour: true")
         if self.image_colour_noisy_gain != "learned" and not self.image_colour_noisy_target:
             raise ValueError(f"image_colour_noisy_gain: {self.image_colour_noisy_gain} needs image_colour_noisy_target: true")
+        if self.image_colour_own_view and not self.image_colour:
+            raise ValueError("image_colour_own_view needs image_colour: true")
+        if self.image_colour_own_view and self.image_colour_noisy_target and self.image_colour_noisy_gain == "learned":
+            raise ValueError("image_colour_own_view with image_colour_noisy_target needs image_colour_noisy_gain: "
+                             "wiener or wiener_bands (a raw noisy reading reaches ±50)")
         return self
 
 
@@ -213,7 +222,8 @@ class GOEmbedFusion(nn.Module):
                                origin_density=config.origin_density, point_frequencies=config.decoder_point_frequencies)
         image_colour = ImageColour(representation.feature_dim, preset.decoder_hidden, levels=config.image_colour_levels,
                                    noise_aware=config.image_colour_noisy_target,
-                                   gain=config.image_colour_noisy_gain) if config.image_colour else None
+                                   gain=config.image_colour_noisy_gain,
+                                   own_view=config.image_colour_own_view) if config.image_colour else None
         self.renderer = VolumeRenderer(representation, decoder, config.samples_per_ray or preset.samples_per_ray,
                                        config.box_half_size, image_colour)
         denoiser_config = preset.denoiser_config(kind)

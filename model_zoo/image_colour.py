@@ -51,6 +51,19 @@ v_k being the noise variance of band k (a block mean's noise is shared with the 
 the mean of). Fine detail, whose prior variance is small, is then dropped at noise levels where
 the coarse colour is still kept; shrinking whole levels lets a fine level's noise through with
 its gain (measured: colour speckle in unconditional samples). A clean view reads y_l unchanged.
+
+With ``own_view`` (``ModelConfig.image_colour_own_view``) a ray that comes from a source view's own
+camera — its direction equals the direction from that camera's centre to the point, to 1e-5 rad —
+takes its colour from that view's pixel alone, read at the finest level after the shrink above:
+
+    c(x) = ψ_c + Σ_k g_k · b_k        (wiener_bands; wiener: ψ_c + g_0 · (y_0 − ψ_c); clean: y_0)
+
+with no learned α, view weights or level mixture. Every point of such a ray projects to the same
+pixel, so this is a per-pixel posterior mean of x₀ given x_t under the Gaussian prior around ψ's
+colour: EDM's c_skip path (x̂₀ → x_t as σ → 0, → ψ's render as σ → ∞) in the wavelet domain.
+Why: the learned α stays below 1 (x̂₀ kept 0.83 of x_t's colour even at t = 0, README), and a
+sampler that shrinks colour by that factor at each low-noise step ends grey. A context view
+rendered for its own loss is excluded (``exclude``) and so never copies itself.
 """
 
 from __future__ import annotations
@@ -83,6 +96,10 @@ class SourceViews:
 
 # How much a noisy reading counts (``ImageColour(gain=…)``, ``ModelConfig.image_colour_noisy_gain``).
 GAINS = ("learned", "wiener", "wiener_bands")
+
+# A ray is "from" a source view's camera when the directions to the point differ by less than this
+# (radians; float32 rounding is ~1e-7 for points a few world units away, distinct cameras ≫ 1e-3).
+OWN_VIEW_TOLERANCE_RAD = 1e-5
 
 
 # Groups of source views, each at its own resolution (clean context views at the data resolution,
@@ -140,13 +157,15 @@ class ImageColour(nn.Module):
     """The blend above: ``forward(features, points, directions, colour, sources, exclude)`` -> colour (B, M, 3)."""
 
     def __init__(self, feature_dim: int, hidden: int = 32, levels: int = 1, noise_aware: bool = False,
-                 gain: str = "learned"):
+                 gain: str = "learned", own_view: bool = False):
         super().__init__()
         if levels < 1:
             raise ValueError(f"ImageColour levels must be >= 1, got {levels}")
         if gain not in GAINS:
             raise ValueError(f"ImageColour gain must be one of {', '.join(GAINS)}, got {gain!r}")
-        self.levels, self.noise_aware, self.gain = levels, noise_aware, gain
+        if own_view and noise_aware and gain == "learned":  # its raw noisy reading reaches ±50 at t = T−1
+            raise ValueError("ImageColour own_view with a noisy source needs gain wiener or wiener_bands")
+        self.levels, self.noise_aware, self.gain, self.own_view = levels, noise_aware, gain, own_view
         # The Wiener forms' prior standard deviation s_l per level or band ([0, 1] colour units), as a log.
         self.prior_log_std = (nn.Parameter(torch.full((levels,), math.log(0.25)))
                               if noise_aware and gain != "learned" else None)
@@ -157,7 +176,9 @@ class ImageColour(nn.Module):
         self.level = nn.Linear(hidden, levels) if levels > 1 else None
 
     def _read(self, group: SourceViews, points: torch.Tensor, directions: torch.Tensor):
-        """One group's colours (B, V, M, L, 3), readable mask (B, V, M), cos θ and noise level (B, V, M, 1)."""
+        """One group's colours (B, V, M, L, 3), readable mask (B, V, M), cos θ and noise level (B, V, M, 1),
+        the levels' noise std (B, V, M, L, 1; None without a Wiener gain) and the rays from each view's
+        own camera (B, V, M; None without ``own_view``)."""
         uv, z = project(points, group.K, group.c2w)
         height, width = group.images.shape[-2:]
         valid = (z > 1e-4) & (uv[..., 0] >= 0) & (uv[..., 0] <= width) & (uv[..., 1] >= 0) & (uv[..., 1] <= height)
@@ -176,10 +197,14 @@ class ImageColour(nn.Module):
         noise = (group.noise_levels if group.noise_levels is not None
                  else torch.zeros(group.images.shape[:2], device=uv.device))
         noise = noise.to(uv.dtype)[..., None, None].expand_as(cosine)
+        noise_std = own = None
         if self.prior_log_std is not None:  # σ_l of each level: (B, V, M, L, 1)
             noise_std = noise.unsqueeze(-1) / 2 / torch.tensor(box, device=uv.device, dtype=uv.dtype).view(-1, 1)
-            return seen, valid, cosine, noise, noise_std
-        return seen, valid, cosine, noise, None
+        if self.own_view:  # sin of the angle between the ray and the view's ray to the point, in fp32
+            sine = torch.linalg.cross(F.normalize(to_point.float(), dim=-1),
+                                      directions.float().unsqueeze(1).expand_as(to_point), dim=-1).norm(dim=-1)
+            own = valid & (sine < OWN_VIEW_TOLERANCE_RAD) & (cosine[..., 0] > 0)
+        return seen, valid, cosine, noise, noise_std, own
 
     def forward(self, features: torch.Tensor, points: torch.Tensor, directions: torch.Tensor, colour: torch.Tensor,
                 sources: Sources, exclude: torch.Tensor | None = None) -> torch.Tensor:
@@ -188,6 +213,7 @@ class ImageColour(nn.Module):
         read, for the first V' source views (the rest may all be read)."""
         parts = list(zip(*(self._read(group, points, directions) for group in source_groups(sources))))
         seen, valid, cosine, noise = (torch.cat(part, 1) for part in parts[:4])
+        own = torch.cat(parts[5], 1) if self.own_view else None
         if self.prior_log_std is not None:  # the Wiener shrink towards ψ's colour
             prior_var = torch.exp(2 * self.prior_log_std.to(seen.dtype)).view(-1, 1)
             noise_var = torch.cat(parts[4], 1).pow(2)  # (B, V, M, L, 1)
@@ -204,6 +230,7 @@ class ImageColour(nn.Module):
             if excluded.shape[1] < valid.shape[1]:
                 excluded = F.pad(excluded, (0, 0, 0, valid.shape[1] - excluded.shape[1]), value=False)
             valid = valid & ~excluded
+            own = None if own is None else own & ~excluded
         # The MLP runs in its weights' dtype (bf16 for a bf16 export); weights and blending in fp32 at least.
         dtype = self.score.weight.dtype
         views = seen.shape[1]
@@ -212,6 +239,7 @@ class ImageColour(nn.Module):
         if self.noise_aware:
             inputs.append((noise / (1 + noise)).to(dtype))
         hidden = self.view(torch.cat(inputs, -1))  # (B, V, M, H)
+        finest = seen[..., 0, :]  # (B, V, M, 3): what a ray from the view's own camera reads
         if self.level is not None:  # each view's colour: its own mixture of the pyramid's levels
             level_weights = torch.softmax(self.level(hidden).to(seen.dtype), dim=-1)
             seen = (level_weights.unsqueeze(-1) * seen).sum(3)
@@ -223,4 +251,9 @@ class ImageColour(nn.Module):
         blended = (weights.unsqueeze(-1) * seen).sum(1)
         pooled = (weights.unsqueeze(-1).to(dtype) * hidden).sum(1)
         alpha = torch.sigmoid(self.mix(pooled).to(seen.dtype)) * valid.any(1, keepdim=True).transpose(1, 2).to(seen.dtype)
-        return ((1 - alpha) * colour + alpha * blended).to(colour.dtype)
+        result = (1 - alpha) * colour + alpha * blended
+        if own is not None:  # the skip: the own view's finest (shrunk) reading, nothing learned
+            count = own.sum(1, keepdim=True).transpose(1, 2)  # (B, M, 1)
+            own_colour = (own.unsqueeze(-1).to(finest.dtype) * finest).sum(1) / count.clamp_min(1)
+            result = torch.where(count > 0, own_colour, result)
+        return result.to(colour.dtype)

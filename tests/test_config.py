@@ -246,7 +246,8 @@ def test_a_model_config_json_written_before_pydantic_still_loads():
     # and is written the same way, plus the fields added since (at defaults that mean the old behaviour)
     assert json.loads(json.dumps(dataclasses.asdict(ModelConfig()))) == {**old, "goembed_log_density": False, "image_colour": False,
                                                                         "image_colour_noisy_target": False, "image_colour_levels": 1,
-                                                                        "image_colour_noisy_gain": "learned"}
+                                                                        "image_colour_noisy_gain": "learned",
+                                                                        "image_colour_own_view": False}
     with pytest.raises(ExportFormatError, match=r"model_config\.json is not a valid ModelConfig: encoder: .*'magic'"):
         model_config_from_dict({**old, "encoder": "magic"})
 
@@ -262,6 +263,7 @@ def test_a_model_config_json_written_before_pydantic_still_loads():
     ("data.piece_objects=0", "data.piece_objects must be >= 1, got 0"),  # a reader field, embedded
     ("model.lpips_weight=0.5", "model.lpips_weights_path is required when model.lpips_weight > 0"),
     ("optim.betas=[1.5, 0.9]", "optim.betas[0] must be < 1"),
+    ("model.image_colour_own_view=true", "model.image_colour_own_view needs model.image_colour: true"),
     ("data.holdout_urls=''", "data.holdout_urls must not be empty"),
 ])
 def test_strict_values_and_one_line_messages(override, message):

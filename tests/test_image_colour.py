@@ -118,7 +118,7 @@ def test_the_wiener_gain_shrinks_a_noisy_reading_towards_psi_by_its_closed_form(
     # Level l averages 4ˡ pixels: its noise std is σ/2 / 2ˡ, so the coarse level keeps more of its reading.
     two = ImageColour(8, levels=2, noise_aware=True, gain="wiener").double()
     noisy = SourceViews(sources.images, sources.K, sources.c2w, noise_levels=torch.tensor([[0.5]], dtype=torch.float64))
-    seen, _, _, _, noise_std = two._read(noisy, points, directions[:, 0])
+    seen, _, _, _, noise_std, _ = two._read(noisy, points, directions[:, 0])
     assert torch.allclose(noise_std[0, 0, 0, :, 0], torch.tensor([0.25, 0.125], dtype=torch.float64))
     with pytest.raises(ValueError, match="gain"):
         ImageColour(8, noise_aware=True, gain="fixed")
@@ -136,6 +136,45 @@ def test_the_wiener_gain_shrinks_a_noisy_reading_towards_psi_by_its_closed_form(
     g0, g1 = (prior ** 2 / (prior ** 2 + v) for v in (0.25 ** 2 - 0.125 ** 2, 0.125 ** 2))
     expected = colour[0] + g0 * (y0 - y1) + g1 * (y1 - colour[0])
     assert torch.allclose(bands(features, points, directions[:, 0], colour, noisy)[0], expected, atol=1e-12)
+
+
+def test_a_ray_from_a_source_views_own_camera_takes_its_shrunk_pixel_with_nothing_learned():
+    # own_view, EDM's skip: at a source's own camera the colour is ψ + Σ_k g_k b_k of that pixel whatever
+    # the MLP's weights: the pixel itself for a clean view, ψ's colour for a hopeless σ, the bands'
+    # closed form between. Rays from another camera get the blend, exactly as without own_view, and
+    # an excluded view is not copied.
+    plain = ImageColour(8, levels=2, noise_aware=True, gain="wiener_bands").double()
+    own = ImageColour(8, levels=2, noise_aware=True, gain="wiener_bands", own_view=True).double()
+    own.load_state_dict(plain.state_dict())
+    sources, _, _, features, colour = blend_inputs(count=3, points=SIZE * SIZE)
+    origins, directions = view_rays(sources.K, sources.c2w, SIZE, SIZE)  # camera 2 is not a source
+    pixels = sources.images[0, 0].flatten(1).T
+
+    def noisy(sigma):
+        return SourceViews(sources.images[:, :2], sources.K[:, :2], sources.c2w[:, :2],
+                           noise_levels=torch.tensor([[sigma, 0.0]], dtype=torch.float64))
+
+    prior = 0.25  # the initial s
+    for depth in (1.2, 2.5):  # any point of the ray: all project to the ray's own pixel
+        points = origins[:, 0] + depth * directions[:, 0]
+        assert torch.allclose(own(features, points, directions[:, 0], colour, noisy(0.0))[0], pixels, atol=1e-12)
+        assert not torch.allclose(plain(features, points, directions[:, 0], colour, noisy(0.0))[0], pixels, atol=1e-2)
+        assert torch.allclose(own(features, points, directions[:, 0], colour, noisy(100.0))[0], colour[0], atol=1e-4)
+        seen = own._read(noisy(0.5), points, directions[:, 0])[0]
+        y0, y1 = seen[0, 0, :, 0], seen[0, 0, :, 1]
+        g0, g1 = (prior ** 2 / (prior ** 2 + v) for v in (0.25 ** 2 - 0.125 ** 2, 0.125 ** 2))
+        expected = colour[0] + g0 * (y0 - y1) + g1 * (y1 - colour[0])
+        assert torch.allclose(own(features, points, directions[:, 0], colour, noisy(0.5))[0], expected, atol=1e-12)
+    other = origins[:, 2] + 1.7 * directions[:, 2]
+    assert torch.equal(own(features, other, directions[:, 2], colour, noisy(0.5)),
+                       plain(features, other, directions[:, 2], colour, noisy(0.5)))
+    points = origins[:, 0] + 1.7 * directions[:, 0]
+    excluded = torch.zeros(1, points.shape[1], 2, dtype=torch.bool)
+    excluded[..., 0] = True
+    assert torch.equal(own(features, points, directions[:, 0], colour, noisy(0.0), excluded),
+                       plain(features, points, directions[:, 0], colour, noisy(0.0), excluded))
+    with pytest.raises(ValueError, match="own_view"):
+        ImageColour(8, noise_aware=True, gain="learned", own_view=True)
 
 
 def test_render_without_context_is_the_plain_model_and_a_context_view_never_reads_itself():
