@@ -44,7 +44,7 @@ from data_pipeline.shards import read_sample_range
 from model_zoo.goembedfusion import GOEmbedFusion, Views
 from model_zoo.rays import spread_cameras
 from model_zoo.samplers import SAMPLERS
-from model_zoo.metrics import (UNAVAILABLE, FeatureExtractor, build_feature_extractor, fid_from_features,
+from model_zoo.metrics import (UNAVAILABLE, FeatureExtractor, block_hue, build_feature_extractor, fid_from_features,
                                foreground, hue, kernel_inception_distance, load_lpips, psnr, ssim)
 
 
@@ -232,11 +232,12 @@ def evaluate_generation(model: GOEmbedFusion, pattern: str, features: FeatureExt
         # How colourful a sample is where it has an object (its own foreground), beside the real views.
         bg = background.expand(count, 3)
         fake_fg, real_fg = foreground(fake, bg), foreground(images[views], bg)
-        colourful = (float(hue(fake.float(), fake_fg).nanmean()), float(hue(images[views].float(), real_fg).nanmean()))
+        colourful = (float(hue(fake.float(), fake_fg).nanmean()), float(hue(images[views].float(), real_fg).nanmean()),
+                     float(block_hue(fake, fake_fg).nanmean()), float(block_hue(images[views], real_fg).nanmean()))
         # How much of the image a sample covers, beside the real views: too big (fog) or too small.
         covers = (float(fake_fg.float().mean()), float(real_fg.float().mean()))
-        local[object_id] = (extractor(images[views]).cpu().numpy(), extractor(fake).cpu().numpy(), fidelity, *colourful,
-                            *covers)
+        local[object_id] = (extractor(images[views]).cpu().numpy(), extractor(fake).cpu().numpy(), fidelity, *colourful[:2],
+                            *covers, *colourful[2:])
     results = _gather(local)
     if not results:
         raise ValueError(f"no objects evaluated from {pattern}")
@@ -262,7 +263,10 @@ def evaluate_generation(model: GOEmbedFusion, pattern: str, features: FeatureExt
         "truth_hue": float(np.nanmean([results[key][4] for key in keys])),
         # The mean fraction of pixels that are not background (metrics.foreground), samples and real views.
         "coverage": float(np.mean([results[key][5] for key in keys])),
-        "truth_coverage": float(np.mean([results[key][6] for key in keys])), "notes": notes,
+        "truth_coverage": float(np.mean([results[key][6] for key in keys])),
+        # metrics.block_hue (4 × 4 px block means): colour speckle has hue but little of this.
+        "hue_4px": float(np.nanmean([results[key][7] for key in keys])),
+        "truth_hue_4px": float(np.nanmean([results[key][8] for key in keys])), "notes": notes,
     }
 
 
@@ -310,7 +314,7 @@ def format_table(results: dict) -> str:
         if not isinstance(values, dict):
             continue
         names = ("psnr", "ssim", "lpips", "hue", "truth_hue") if task == "reconstruction" else ("fid", "kid", "kid_std", "hue", "truth_hue",
-                                                                                             "coverage", "truth_coverage")
+                                                                                             "coverage", "truth_coverage", "hue_4px", "truth_hue_4px")
         cells = [f"{name}={values[name]:.4f}" if isinstance(values[name], float) else f"{name}={values[name]}"
                  for name in names]
         rows.append(f"{task:<15} objects={values['objects']:<5} " + "  ".join(cells))

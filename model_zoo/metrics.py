@@ -56,6 +56,15 @@ def hue(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return _masked_mean(_off_grey(images).abs().mean(1, keepdim=True), mask)[:, 0]
 
 
+def block_hue(images: torch.Tensor, mask: torch.Tensor, block: int = 4) -> torch.Tensor:
+    """:func:`hue` of images (N, 3, H, W) averaged over ``block`` × ``block`` pixel blocks, on the blocks
+    mostly (> half) in ``mask`` (N, H, W): colour noise averages out to grey, coloured regions keep
+    their hue. So ``hue`` alone cannot tell colour speckle from colour; the two together can."""
+    pooled = F.avg_pool2d(images.float(), block)
+    inside = F.avg_pool2d(mask.float().unsqueeze(1), block)[:, 0] > 0.5
+    return hue(pooled, inside)
+
+
 def mean_chroma(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(N, 3): the mean of c − mean_RGB(c) over the pixels of images (N, 3, H, W) where ``mask`` (N, H, W) is set."""
     return _masked_mean(_off_grey(images), mask)
