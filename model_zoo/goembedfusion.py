@@ -138,6 +138,12 @@ class ModelConfig:
         "a ray from a source view's own camera takes that view's pixel, shrunk by its gain, with no learned "
         "blend (EDM's c_skip: x̂₀ at the noisy target's camera follows x_t as σ → 0); needs image_colour, and "
         "a wiener gain with image_colour_noisy_target"))
+    image_colour_own_level: int = Field(0, ge=0, description=(
+        "the pyramid level image_colour_own_view reads (0: every band, the pixel itself when clean; L-1: only the "
+        "coarsest colour, the detail ψ's); < image_colour_levels"))
+    image_colour_adaptive_prior: bool = Field(False, description=(
+        "the wiener gains' prior std of each band also depends on ψ's feature at the point (zero-initialised "
+        "linear head): noise dropped in flat regions, detail kept at edges; needs a wiener gain"))
 
     @pydantic.model_validator(mode="after")
     def _lpips_weights(self):
@@ -153,6 +159,11 @@ class ModelConfig:
             raise ValueError(f"image_colour_noisy_gain: {self.image_colour_noisy_gain} needs image_colour_noisy_target: true")
         if self.image_colour_own_view and not self.image_colour:
             raise ValueError("image_colour_own_view needs image_colour: true")
+        if self.image_colour_adaptive_prior and self.image_colour_noisy_gain == "learned":
+            raise ValueError("image_colour_adaptive_prior needs image_colour_noisy_gain: wiener or wiener_bands")
+        if self.image_colour_own_level >= self.image_colour_levels:
+            raise ValueError(f"image_colour_own_level must be < image_colour_levels ({self.image_colour_levels}), "
+                             f"got {self.image_colour_own_level}")
         if self.image_colour_own_view and self.image_colour_noisy_target and self.image_colour_noisy_gain == "learned":
             raise ValueError("image_colour_own_view with image_colour_noisy_target needs image_colour_noisy_gain: "
                              "wiener or wiener_bands (a raw noisy reading reaches ±50)")
@@ -223,7 +234,9 @@ class GOEmbedFusion(nn.Module):
         image_colour = ImageColour(representation.feature_dim, preset.decoder_hidden, levels=config.image_colour_levels,
                                    noise_aware=config.image_colour_noisy_target,
                                    gain=config.image_colour_noisy_gain,
-                                   own_view=config.image_colour_own_view) if config.image_colour else None
+                                   own_view=config.image_colour_own_view,
+                                   own_level=config.image_colour_own_level,
+                                   adaptive_prior=config.image_colour_adaptive_prior) if config.image_colour else None
         self.renderer = VolumeRenderer(representation, decoder, config.samples_per_ray or preset.samples_per_ray,
                                        config.box_half_size, image_colour)
         denoiser_config = preset.denoiser_config(kind)

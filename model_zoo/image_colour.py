@@ -54,16 +54,26 @@ its gain (measured: colour speckle in unconditional samples). A clean view reads
 
 With ``own_view`` (``ModelConfig.image_colour_own_view``) a ray that comes from a source view's own
 camera — its direction equals the direction from that camera's centre to the point, to 1e-5 rad —
-takes its colour from that view's pixel alone, read at the finest level after the shrink above:
+takes its colour from that view's pixel alone, read at level ``own_level`` (0: the finest) after
+the shrink above:
 
-    c(x) = ψ_c + Σ_k g_k · b_k        (wiener_bands; wiener: ψ_c + g_0 · (y_0 − ψ_c); clean: y_0)
+    c(x) = ψ_c + Σ_{k ≥ own_level} g_k · b_k   (wiener_bands; wiener: ψ_c + g_l · (y_l − ψ_c); clean: y_l)
 
 with no learned α, view weights or level mixture. Every point of such a ray projects to the same
 pixel, so this is a per-pixel posterior mean of x₀ given x_t under the Gaussian prior around ψ's
 colour: EDM's c_skip path (x̂₀ → x_t as σ → 0, → ψ's render as σ → ∞) in the wavelet domain.
 Why: the learned α stays below 1 (x̂₀ kept 0.83 of x_t's colour even at t = 0, README), and a
 sampler that shrinks colour by that factor at each low-noise step ends grey. A context view
-rendered for its own loss is excluded (``exclude``) and so never copies itself.
+rendered for its own loss is excluded (``exclude``) and so never copies itself. A Gaussian prior
+per band makes Gaussian texture: copied at level 0, a sample's fine bands are colour speckle
+(measured, README); at a coarser ``own_level`` only the coarse colour follows x_t and the detail
+is ψ's.
+
+With ``adaptive_prior`` (``ModelConfig.image_colour_adaptive_prior``) the prior std of each band
+also depends on ψ's feature at the point, log s_l(x) = log s_l + w_l · f(x) + b_l (zero at the
+start): one global s_l must be as large as the detail at edges, and then lets the same amount of
+noise through in flat regions; a per-point s_l can drop it there (a spatially adaptive Wiener
+filter, whose adaptivity comes from ζ̂).
 """
 
 from __future__ import annotations
@@ -157,7 +167,7 @@ class ImageColour(nn.Module):
     """The blend above: ``forward(features, points, directions, colour, sources, exclude)`` -> colour (B, M, 3)."""
 
     def __init__(self, feature_dim: int, hidden: int = 32, levels: int = 1, noise_aware: bool = False,
-                 gain: str = "learned", own_view: bool = False):
+                 gain: str = "learned", own_view: bool = False, own_level: int = 0, adaptive_prior: bool = False):
         super().__init__()
         if levels < 1:
             raise ValueError(f"ImageColour levels must be >= 1, got {levels}")
@@ -165,10 +175,20 @@ class ImageColour(nn.Module):
             raise ValueError(f"ImageColour gain must be one of {', '.join(GAINS)}, got {gain!r}")
         if own_view and noise_aware and gain == "learned":  # its raw noisy reading reaches ±50 at t = T−1
             raise ValueError("ImageColour own_view with a noisy source needs gain wiener or wiener_bands")
-        self.levels, self.noise_aware, self.gain, self.own_view = levels, noise_aware, gain, own_view
+        if not 0 <= own_level < levels:
+            raise ValueError(f"ImageColour own_level must be in [0, {levels - 1}], got {own_level}")
+        self.levels, self.noise_aware, self.gain = levels, noise_aware, gain
+        self.own_view, self.own_level = own_view, own_level
         # The Wiener forms' prior standard deviation s_l per level or band ([0, 1] colour units), as a log.
         self.prior_log_std = (nn.Parameter(torch.full((levels,), math.log(0.25)))
                               if noise_aware and gain != "learned" else None)
+        if adaptive_prior and self.prior_log_std is None:
+            raise ValueError("ImageColour adaptive_prior needs a noisy source with gain wiener or wiener_bands")
+        # log s_l(x) = log s_l + a linear map of ψ's feature at x, zero at the start (the global prior).
+        self.prior_head = nn.Linear(feature_dim, levels) if adaptive_prior else None
+        if self.prior_head is not None:
+            nn.init.zeros_(self.prior_head.weight)
+            nn.init.zeros_(self.prior_head.bias)
         inputs = feature_dim + 3 * levels + 1 + (1 if noise_aware else 0)
         self.view = nn.Sequential(nn.Linear(inputs, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
         self.score = nn.Linear(hidden, 1)
@@ -215,7 +235,10 @@ class ImageColour(nn.Module):
         seen, valid, cosine, noise = (torch.cat(part, 1) for part in parts[:4])
         own = torch.cat(parts[5], 1) if self.own_view else None
         if self.prior_log_std is not None:  # the Wiener shrink towards ψ's colour
-            prior_var = torch.exp(2 * self.prior_log_std.to(seen.dtype)).view(-1, 1)
+            log_std = self.prior_log_std.to(seen.dtype).view(-1, 1)  # (L, 1)
+            if self.prior_head is not None:  # per point: (B, 1, M, L, 1)
+                log_std = log_std + self.prior_head(features.to(self.prior_head.weight.dtype)).to(seen.dtype)[:, None, :, :, None]
+            prior_var = torch.exp(2 * log_std)
             noise_var = torch.cat(parts[4], 1).pow(2)  # (B, V, M, L, 1)
             base = colour.to(seen.dtype)[:, None, :, None, :]
             if self.gain == "wiener":
@@ -239,7 +262,7 @@ class ImageColour(nn.Module):
         if self.noise_aware:
             inputs.append((noise / (1 + noise)).to(dtype))
         hidden = self.view(torch.cat(inputs, -1))  # (B, V, M, H)
-        finest = seen[..., 0, :]  # (B, V, M, 3): what a ray from the view's own camera reads
+        own_reading = seen[..., self.own_level, :]  # (B, V, M, 3): what a ray from the view's own camera reads
         if self.level is not None:  # each view's colour: its own mixture of the pyramid's levels
             level_weights = torch.softmax(self.level(hidden).to(seen.dtype), dim=-1)
             seen = (level_weights.unsqueeze(-1) * seen).sum(3)
@@ -252,8 +275,8 @@ class ImageColour(nn.Module):
         pooled = (weights.unsqueeze(-1).to(dtype) * hidden).sum(1)
         alpha = torch.sigmoid(self.mix(pooled).to(seen.dtype)) * valid.any(1, keepdim=True).transpose(1, 2).to(seen.dtype)
         result = (1 - alpha) * colour + alpha * blended
-        if own is not None:  # the skip: the own view's finest (shrunk) reading, nothing learned
+        if own is not None:  # the skip: the own view's (shrunk) reading, nothing learned
             count = own.sum(1, keepdim=True).transpose(1, 2)  # (B, M, 1)
-            own_colour = (own.unsqueeze(-1).to(finest.dtype) * finest).sum(1) / count.clamp_min(1)
+            own_colour = (own.unsqueeze(-1).to(own_reading.dtype) * own_reading).sum(1) / count.clamp_min(1)
             result = torch.where(count > 0, own_colour, result)
         return result.to(colour.dtype)

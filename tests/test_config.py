@@ -247,7 +247,8 @@ def test_a_model_config_json_written_before_pydantic_still_loads():
     assert json.loads(json.dumps(dataclasses.asdict(ModelConfig()))) == {**old, "goembed_log_density": False, "image_colour": False,
                                                                         "image_colour_noisy_target": False, "image_colour_levels": 1,
                                                                         "image_colour_noisy_gain": "learned",
-                                                                        "image_colour_own_view": False}
+                                                                        "image_colour_own_view": False, "image_colour_own_level": 0,
+                                                                        "image_colour_adaptive_prior": False}
     with pytest.raises(ExportFormatError, match=r"model_config\.json is not a valid ModelConfig: encoder: .*'magic'"):
         model_config_from_dict({**old, "encoder": "magic"})
 
