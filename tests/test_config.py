@@ -265,6 +265,7 @@ def test_a_model_config_json_written_before_pydantic_still_loads():
     ("model.lpips_weight=0.5", "model.lpips_weights_path is required when model.lpips_weight > 0"),
     ("optim.betas=[1.5, 0.9]", "optim.betas[0] must be < 1"),
     ("model.image_colour_own_view=true", "model.image_colour_own_view needs model.image_colour: true"),
+    ("model.image_colour_own_level=1", "model.image_colour_own_level must be < model.image_colour_levels (1), got 1"),
     ("data.holdout_urls=''", "data.holdout_urls must not be empty"),
 ])
 def test_strict_values_and_one_line_messages(override, message):

@@ -173,8 +173,33 @@ def test_a_ray_from_a_source_views_own_camera_takes_its_shrunk_pixel_with_nothin
     excluded[..., 0] = True
     assert torch.equal(own(features, points, directions[:, 0], colour, noisy(0.0), excluded),
                        plain(features, points, directions[:, 0], colour, noisy(0.0), excluded))
+    # own_level 1 reads the coarser level: ψ + g₁·(y₁ − ψ), the finest band left out.
+    coarse = ImageColour(8, levels=2, noise_aware=True, gain="wiener_bands", own_view=True, own_level=1).double()
+    coarse.load_state_dict(plain.state_dict())
+    points = origins[:, 0] + 1.7 * directions[:, 0]
+    y1 = own._read(noisy(0.5), points, directions[:, 0])[0][0, 0, :, 1]
+    g1 = prior ** 2 / (prior ** 2 + 0.125 ** 2)
+    assert torch.allclose(coarse(features, points, directions[:, 0], colour, noisy(0.5))[0],
+                          colour[0] + g1 * (y1 - colour[0]), atol=1e-12)
     with pytest.raises(ValueError, match="own_view"):
         ImageColour(8, noise_aware=True, gain="learned", own_view=True)
+    with pytest.raises(ValueError, match="own_level"):
+        ImageColour(8, levels=2, noise_aware=True, gain="wiener", own_view=True, own_level=2)
+
+
+def test_the_adaptive_prior_starts_as_the_global_one_and_moves_the_gain_per_point():
+    sources, points, directions, features, colour = blend_inputs(count=2)
+    noisy = SourceViews(sources.images, sources.K, sources.c2w, noise_levels=torch.tensor([[0.5, 0.0]], dtype=torch.float64))
+    fixed = ImageColour(8, levels=2, noise_aware=True, gain="wiener_bands").double()
+    adaptive = ImageColour(8, levels=2, noise_aware=True, gain="wiener_bands", adaptive_prior=True).double()
+    adaptive.load_state_dict(fixed.state_dict(), strict=False)  # all but the (zero) prior head
+    assert torch.equal(adaptive(features, points, directions, colour, noisy), fixed(features, points, directions, colour, noisy))
+    with torch.no_grad():  # a larger prior std where feature 0 is positive: there the reading counts more
+        adaptive.prior_head.weight[:, 0] = 5.0
+    moved = adaptive(features, points, directions, colour, noisy)
+    assert not torch.allclose(moved, fixed(features, points, directions, colour, noisy))
+    with pytest.raises(ValueError, match="adaptive_prior"):
+        ImageColour(8, noise_aware=True, gain="learned", adaptive_prior=True)
 
 
 def test_render_without_context_is_the_plain_model_and_a_context_view_never_reads_itself():
