@@ -45,7 +45,7 @@ from model_zoo.goembedfusion import GOEmbedFusion, Views
 from model_zoo.rays import spread_cameras
 from model_zoo.samplers import SAMPLERS
 from model_zoo.metrics import (UNAVAILABLE, FeatureExtractor, block_hue, build_feature_extractor, fid_from_features,
-                               foreground, hue, kernel_inception_distance, load_lpips, psnr, ssim)
+                               foreground, hue, kernel_inception_distance, load_lpips, object_hue, psnr, ssim)
 
 
 # -- reading held-out objects -------------------------------------------------------------------
@@ -233,7 +233,8 @@ def evaluate_generation(model: GOEmbedFusion, pattern: str, features: FeatureExt
         bg = background.expand(count, 3)
         fake_fg, real_fg = foreground(fake, bg), foreground(images[views], bg)
         colourful = (float(hue(fake.float(), fake_fg).nanmean()), float(hue(images[views].float(), real_fg).nanmean()),
-                     float(block_hue(fake, fake_fg).nanmean()), float(block_hue(images[views], real_fg).nanmean()))
+                     float(block_hue(fake, fake_fg).nanmean()), float(block_hue(images[views], real_fg).nanmean()),
+                     float(object_hue(fake, fake_fg).nanmean()), float(object_hue(images[views], real_fg).nanmean()))
         # How much of the image a sample covers, beside the real views: too big (fog) or too small.
         covers = (float(fake_fg.float().mean()), float(real_fg.float().mean()))
         local[object_id] = (extractor(images[views]).cpu().numpy(), extractor(fake).cpu().numpy(), fidelity, *colourful[:2],
@@ -266,7 +267,10 @@ def evaluate_generation(model: GOEmbedFusion, pattern: str, features: FeatureExt
         "truth_coverage": float(np.mean([results[key][6] for key in keys])),
         # metrics.block_hue (4 × 4 px block means): colour speckle has hue but little of this.
         "hue_4px": float(np.nanmean([results[key][7] for key in keys])),
-        "truth_hue_4px": float(np.nanmean([results[key][8] for key in keys])), "notes": notes,
+        "truth_hue_4px": float(np.nanmean([results[key][8] for key in keys])),
+        # metrics.object_hue (the hue of the mean foreground colour): speckle of every hue has none.
+        "object_hue": float(np.nanmean([results[key][9] for key in keys])),
+        "truth_object_hue": float(np.nanmean([results[key][10] for key in keys])), "notes": notes,
     }
 
 
@@ -314,7 +318,8 @@ def format_table(results: dict) -> str:
         if not isinstance(values, dict):
             continue
         names = ("psnr", "ssim", "lpips", "hue", "truth_hue") if task == "reconstruction" else ("fid", "kid", "kid_std", "hue", "truth_hue",
-                                                                                             "coverage", "truth_coverage", "hue_4px", "truth_hue_4px")
+                                                                                             "coverage", "truth_coverage", "hue_4px", "truth_hue_4px",
+                                                                                             "object_hue", "truth_object_hue")
         cells = [f"{name}={values[name]:.4f}" if isinstance(values[name], float) else f"{name}={values[name]}"
                  for name in names]
         rows.append(f"{task:<15} objects={values['objects']:<5} " + "  ".join(cells))

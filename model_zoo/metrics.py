@@ -65,6 +65,12 @@ def block_hue(images: torch.Tensor, mask: torch.Tensor, block: int = 4) -> torch
     return hue(pooled, inside)
 
 
+def object_hue(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(N,): :func:`hue` of each image's mean colour over ``mask``: the colour of the object as a whole.
+    Colour speckle of every hue averages out to grey here however colourful its pixels are."""
+    return mean_chroma(images, mask).abs().mean(1)
+
+
 def mean_chroma(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(N, 3): the mean of c − mean_RGB(c) over the pixels of images (N, 3, H, W) where ``mask`` (N, H, W) is set."""
     return _masked_mean(_off_grey(images), mask)

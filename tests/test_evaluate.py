@@ -71,6 +71,7 @@ def test_generation_gives_finite_fid_and_kid_with_random_features(holdout, model
     assert 0 < results["truth_coverage"] < 1 and 0 <= results["coverage"] <= 1
     # metrics.block_hue (tested there); NaN when no sample has a 4 x 4 block of object, as this untrained one
     assert 0 < results["truth_hue_4px"] < 1 and (math.isnan(results["hue_4px"]) or 0 <= results["hue_4px"] < 1)
+    assert 0 < results["truth_object_hue"] < 1 and (math.isnan(results["object_hue"]) or 0 <= results["object_hue"] < 1)
     # Conditioned on context views: those views are left out of the 12, so 9 remain per object.
     conditioned = evaluate_generation(model, holdout, features="random", context_views=3, steps=2, resolution=16,
                                       max_objects=2, kid_subsets=5)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model_zoo.metrics import (UNAVAILABLE, InceptionFeatures, block_hue, chroma_slope, foreground, hue, mean_chroma, InceptionV3Pool, RandomConvFeatures,
+from model_zoo.metrics import (UNAVAILABLE, InceptionFeatures, block_hue, chroma_slope, object_hue, foreground, hue, mean_chroma, InceptionV3Pool, RandomConvFeatures,
                                build_feature_extractor, fid_from_features, kernel_inception_distance, load_lpips, psnr,
                                psnr_from_mse, resize_bilinear_tf1, ssim)
 
@@ -65,7 +65,7 @@ def test_hue_is_zero_for_grey_and_the_mean_chroma_on_the_mask():
     assert foreground(image, torch.ones(1, 3)).sum() == 1
 
 
-def test_block_hue_keeps_a_coloured_region_and_drops_colour_speckle():
+def test_block_and_object_hue_keep_a_coloured_region_and_drop_colour_speckle():
     # A checkerboard of red (1, 0, 0) and cyan (0, 1, 1) pixels: every pixel has hue 4/9, every 2 × 2
     # block mean is grey (0.5). A flat red image: 4/9 both ways. Blocks mostly outside the mask are left out.
     rows, cols = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
@@ -81,6 +81,9 @@ def test_block_hue_keeps_a_coloured_region_and_drops_colour_speckle():
     corner[0, :4, :4] = True
     image = torch.cat([flat[:, :, :, :4], speckle[:, :, :, 4:]], -1)
     torch.testing.assert_close(block_hue(image, corner, block=4), torch.tensor([4 / 9]))
+    # The object's mean colour: grey for the checkerboard, red for the red image.
+    torch.testing.assert_close(object_hue(speckle, mask), torch.zeros(1), atol=1e-7, rtol=0)
+    torch.testing.assert_close(object_hue(flat, mask), torch.tensor([4 / 9]))
 
 
 def test_ssim_identical_is_one_and_falls_with_noise():
