@@ -59,7 +59,9 @@ the shrink above:
 
     c(x) = ψ_c + Σ_{k ≥ own_level} g_k · b_k   (wiener_bands; wiener: ψ_c + g_l · (y_l − ψ_c); clean: y_l)
 
-with no learned α, view weights or level mixture. Every point of such a ray projects to the same
+with no learned α, view weights or level mixture, and with the prior mean ψ_c replaced by m, the
+blend of every other view and ψ (m = ψ_c where no other view is read): a conditional sample's
+target camera then starts from the context views' colour, not ψ's grey. Every point of such a ray projects to the same
 pixel, so this is a per-pixel posterior mean of x₀ given x_t under the Gaussian prior around ψ's
 colour: EDM's c_skip path (x̂₀ → x_t as σ → 0, → ψ's render as σ → ∞) in the wavelet domain.
 Why: the learned α stays below 1 (x̂₀ kept 0.83 of x_t's colour even at t = 0, README), and a
@@ -234,6 +236,8 @@ class ImageColour(nn.Module):
         parts = list(zip(*(self._read(group, points, directions) for group in source_groups(sources))))
         seen, valid, cosine, noise = (torch.cat(part, 1) for part in parts[:4])
         own = torch.cat(parts[5], 1) if self.own_view else None
+        # The gain of the part of a reading measured against ψ's colour (1: none is): see own_view below.
+        base_gain = torch.ones_like(seen[..., :1, 0, :1])  # (B, V, M, 1)
         if self.prior_log_std is not None:  # the Wiener shrink towards ψ's colour
             log_std = self.prior_log_std.to(seen.dtype).view(-1, 1)  # (L, 1)
             if self.prior_head is not None:  # per point: (B, 1, M, L, 1)
@@ -242,18 +246,23 @@ class ImageColour(nn.Module):
             noise_var = torch.cat(parts[4], 1).pow(2)  # (B, V, M, L, 1)
             base = colour.to(seen.dtype)[:, None, :, None, :]
             if self.gain == "wiener":
-                seen = base + prior_var / (prior_var + noise_var) * (seen - base)
+                gains = (prior_var / (prior_var + noise_var)).expand(*seen.shape[:-1], 1)
+                seen = base + gains * (seen - base)
+                base_gain = gains[..., self.own_level, :]
             else:  # bands: b_l = y_l − y_{l+1}, the coarsest against ψ; their noise variances
                 bands = torch.cat([seen[..., :-1, :] - seen[..., 1:, :], seen[..., -1:, :] - base], -2)
                 band_var = torch.cat([noise_var[..., :-1, :] - noise_var[..., 1:, :], noise_var[..., -1:, :]], -2)
-                kept = prior_var / (prior_var + band_var) * bands
-                seen = base + kept.flip(-2).cumsum(-2).flip(-2)  # level l: ψ + Σ_{k ≥ l} g_k b_k
+                gains = (prior_var / (prior_var + band_var)).expand(*seen.shape[:-1], 1)
+                seen = base + (gains * bands).flip(-2).cumsum(-2).flip(-2)  # level l: ψ + Σ_{k ≥ l} g_k b_k
+                base_gain = gains[..., -1, :]
         if exclude is not None:
             excluded = exclude.transpose(1, 2)
             if excluded.shape[1] < valid.shape[1]:
                 excluded = F.pad(excluded, (0, 0, 0, valid.shape[1] - excluded.shape[1]), value=False)
             valid = valid & ~excluded
             own = None if own is None else own & ~excluded
+        if own is not None:  # a view is the skip on its own rays, not one of the blend's views
+            own_rays, valid = valid, valid & ~own
         # The MLP runs in its weights' dtype (bf16 for a bf16 export); weights and blending in fp32 at least.
         dtype = self.score.weight.dtype
         views = seen.shape[1]
@@ -275,8 +284,12 @@ class ImageColour(nn.Module):
         pooled = (weights.unsqueeze(-1).to(dtype) * hidden).sum(1)
         alpha = torch.sigmoid(self.mix(pooled).to(seen.dtype)) * valid.any(1, keepdim=True).transpose(1, 2).to(seen.dtype)
         result = (1 - alpha) * colour + alpha * blended
-        if own is not None:  # the skip: the own view's (shrunk) reading, nothing learned
+        if own is not None:  # the skip: the own view's reading, shrunk towards the blend of everything else
+            # A reading shrunk towards ψ is moved to the same shrink towards m = the blend of the other views
+            # and ψ (their colour is the better prior): + (1 − g)·(m − ψ_c), g the gain of its part against ψ.
+            own = own & own_rays
+            towards = own_reading + (1 - base_gain) * (result - colour.to(result.dtype)).unsqueeze(1)
             count = own.sum(1, keepdim=True).transpose(1, 2)  # (B, M, 1)
-            own_colour = (own.unsqueeze(-1).to(own_reading.dtype) * own_reading).sum(1) / count.clamp_min(1)
+            own_colour = (own.unsqueeze(-1).to(towards.dtype) * towards).sum(1) / count.clamp_min(1)
             result = torch.where(count > 0, own_colour, result)
         return result.to(colour.dtype)

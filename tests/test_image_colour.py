@@ -139,10 +139,10 @@ def test_the_wiener_gain_shrinks_a_noisy_reading_towards_psi_by_its_closed_form(
 
 
 def test_a_ray_from_a_source_views_own_camera_takes_its_shrunk_pixel_with_nothing_learned():
-    # own_view, EDM's skip: at a source's own camera the colour is ψ + Σ_k g_k b_k of that pixel whatever
-    # the MLP's weights: the pixel itself for a clean view, ψ's colour for a hopeless σ, the bands'
-    # closed form between. Rays from another camera get the blend, exactly as without own_view, and
-    # an excluded view is not copied.
+    # own_view, EDM's skip: at a source's own camera the colour is m + Σ_k g_k b_k of that pixel whatever
+    # the MLP's weights, m being the blend of the other views and ψ (the coarsest band taken against
+    # m): the pixel itself for a clean view, m for a hopeless σ, the bands' closed form between. Rays
+    # from another camera get the blend, exactly as without own_view; an excluded view is not copied.
     plain = ImageColour(8, levels=2, noise_aware=True, gain="wiener_bands").double()
     own = ImageColour(8, levels=2, noise_aware=True, gain="wiener_bands", own_view=True).double()
     own.load_state_dict(plain.state_dict())
@@ -155,15 +155,19 @@ def test_a_ray_from_a_source_views_own_camera_takes_its_shrunk_pixel_with_nothin
                            noise_levels=torch.tensor([[sigma, 0.0]], dtype=torch.float64))
 
     prior = 0.25  # the initial s
+    not_view_0 = torch.zeros(1, SIZE * SIZE, 2, dtype=torch.bool)
+    not_view_0[..., 0] = True
     for depth in (1.2, 2.5):  # any point of the ray: all project to the ray's own pixel
         points = origins[:, 0] + depth * directions[:, 0]
+        others = plain(features, points, directions[:, 0], colour, noisy(0.5), not_view_0)[0]  # m: view 1 and ψ
+        assert not torch.allclose(others, colour[0], atol=1e-3)  # view 1 sees these points
         assert torch.allclose(own(features, points, directions[:, 0], colour, noisy(0.0))[0], pixels, atol=1e-12)
         assert not torch.allclose(plain(features, points, directions[:, 0], colour, noisy(0.0))[0], pixels, atol=1e-2)
-        assert torch.allclose(own(features, points, directions[:, 0], colour, noisy(100.0))[0], colour[0], atol=1e-4)
+        assert torch.allclose(own(features, points, directions[:, 0], colour, noisy(100.0))[0], others, atol=1e-4)
         seen = own._read(noisy(0.5), points, directions[:, 0])[0]
         y0, y1 = seen[0, 0, :, 0], seen[0, 0, :, 1]
         g0, g1 = (prior ** 2 / (prior ** 2 + v) for v in (0.25 ** 2 - 0.125 ** 2, 0.125 ** 2))
-        expected = colour[0] + g0 * (y0 - y1) + g1 * (y1 - colour[0])
+        expected = others + g0 * (y0 - y1) + g1 * (y1 - others)
         assert torch.allclose(own(features, points, directions[:, 0], colour, noisy(0.5))[0], expected, atol=1e-12)
     other = origins[:, 2] + 1.7 * directions[:, 2]
     assert torch.equal(own(features, other, directions[:, 2], colour, noisy(0.5)),
@@ -179,8 +183,9 @@ def test_a_ray_from_a_source_views_own_camera_takes_its_shrunk_pixel_with_nothin
     points = origins[:, 0] + 1.7 * directions[:, 0]
     y1 = own._read(noisy(0.5), points, directions[:, 0])[0][0, 0, :, 1]
     g1 = prior ** 2 / (prior ** 2 + 0.125 ** 2)
+    others = plain(features, points, directions[:, 0], colour, noisy(0.5), not_view_0)[0]
     assert torch.allclose(coarse(features, points, directions[:, 0], colour, noisy(0.5))[0],
-                          colour[0] + g1 * (y1 - colour[0]), atol=1e-12)
+                          others + g1 * (y1 - others), atol=1e-12)
     with pytest.raises(ValueError, match="own_view"):
         ImageColour(8, noise_aware=True, gain="learned", own_view=True)
     with pytest.raises(ValueError, match="own_level"):
