@@ -57,13 +57,14 @@ camera — its direction equals the direction from that camera's centre to the p
 takes its colour from that view's pixel alone, read at level ``own_level`` (0: the finest) after
 the shrink above:
 
-    c(x) = ψ_c + Σ_{k ≥ own_level} g_k · b_k   (wiener_bands; wiener: ψ_c + g_l · (y_l − ψ_c); clean: y_l)
+    c(x) = m + Σ_{k ≥ own_level} g_k · b_k   (wiener_bands; wiener: m + g_l · (y_l − m); clean: y_l)
 
-with no learned α, view weights or level mixture, and with the prior mean ψ_c replaced by m, the
-blend of every other view and ψ (m = ψ_c where no other view is read): a conditional sample's
-target camera then starts from the context views' colour, not ψ's grey. Every point of such a ray projects to the same
-pixel, so this is a per-pixel posterior mean of x₀ given x_t under the Gaussian prior around ψ's
-colour: EDM's c_skip path (x̂₀ → x_t as σ → 0, → ψ's render as σ → ∞) in the wavelet domain.
+with no learned α, view weights or level mixture; the prior mean m is the blend of every other
+view and ψ (ψ_c where no other view is read; the coarsest band b_{L−1} is taken against m), so a
+conditional sample's target camera starts from the context views' colour, not ψ's grey. Every
+point of such a ray projects to the same pixel, so this is a per-pixel posterior mean of x₀ given
+x_t under a Gaussian prior around m: EDM's c_skip path (x̂₀ → x_t as σ → 0, → m as σ → ∞) in the
+wavelet domain.
 Why: the learned α stays below 1 (x̂₀ kept 0.83 of x_t's colour even at t = 0, README), and a
 sampler that shrinks colour by that factor at each low-noise step ends grey. A context view
 rendered for its own loss is excluded (``exclude``) and so never copies itself. A Gaussian prior
