@@ -49,6 +49,7 @@ from model_zoo.renderer import FieldDecoder, VolumeRenderer
 from model_zoo.representations import ORIGINS, REPRESENTATIONS, build_representation
 from model_zoo.samplers import SAMPLERS, Callback, get_sampler
 from model_zoo.unet import build_denoiser
+from model_zoo.view_denoiser import ViewDenoiser
 
 # The training metric psnr_target is capped at 100 dB (a perfect patch must not log +inf).
 PSNR_MSE_FLOOR = 1e-10
@@ -144,6 +145,13 @@ class ModelConfig:
     image_colour_adaptive_prior: bool = Field(False, description=(
         "the wiener gains' prior std of each band also depends on ψ's feature at the point (zero-initialised "
         "linear head): noise dropped in flat regions, detail kept at edges; needs a wiener gain"))
+    image_colour_view_denoiser: bool = Field(False, description=(
+        "image_colour reads the noisy target through a 2D U-Net's x̂₀ = E[x₀ | x_t] (EDM-preconditioned; DFM's "
+        "2D network on x_t; model_zoo/view_denoiser.py) instead of x_t itself: a non-linear x̂₀ path; needs "
+        "image_colour_noisy_target and image_colour_noisy_gain: learned (its output is not x₀ + noise)"))
+    image_colour_view_denoiser_loss_weight: float = Field(1.0, ge=0, description=(
+        "weight of the view denoiser's own loss, the MSE of its x̂₀ to the clean target at encode_resolution "
+        "(it is also trained through the rendering loss)"))
 
     @pydantic.model_validator(mode="after")
     def _lpips_weights(self):
@@ -164,9 +172,15 @@ class ModelConfig:
         if self.image_colour_own_level >= self.image_colour_levels:
             raise ValueError(f"image_colour_own_level must be < image_colour_levels ({self.image_colour_levels}), "
                              f"got {self.image_colour_own_level}")
-        if self.image_colour_own_view and self.image_colour_noisy_target and self.image_colour_noisy_gain == "learned":
+        if self.image_colour_view_denoiser and not self.image_colour_noisy_target:
+            raise ValueError("image_colour_view_denoiser needs image_colour_noisy_target: true")
+        if self.image_colour_view_denoiser and self.image_colour_noisy_gain != "learned":
+            raise ValueError(f"image_colour_view_denoiser needs image_colour_noisy_gain: learned, got "
+                             f"{self.image_colour_noisy_gain} (a wiener gain assumes a reading x₀ + σε)")
+        if (self.image_colour_own_view and self.image_colour_noisy_target and self.image_colour_noisy_gain == "learned"
+                and not self.image_colour_view_denoiser):
             raise ValueError("image_colour_own_view with image_colour_noisy_target needs image_colour_noisy_gain: "
-                             "wiener or wiener_bands (a raw noisy reading reaches ±50)")
+                             "wiener or wiener_bands, or image_colour_view_denoiser (a raw noisy reading reaches ±50)")
         return self
 
 
@@ -232,7 +246,7 @@ class GOEmbedFusion(nn.Module):
         decoder = FieldDecoder(representation.feature_dim, preset.decoder_hidden, preset.decoder_layers,
                                origin_density=config.origin_density, point_frequencies=config.decoder_point_frequencies)
         image_colour = ImageColour(representation.feature_dim, preset.decoder_hidden, levels=config.image_colour_levels,
-                                   noise_aware=config.image_colour_noisy_target,
+                                   noise_aware=config.image_colour_noisy_target, denoised=config.image_colour_view_denoiser,
                                    gain=config.image_colour_noisy_gain,
                                    own_view=config.image_colour_own_view,
                                    own_level=config.image_colour_own_level,
@@ -249,6 +263,9 @@ class GOEmbedFusion(nn.Module):
         self.schedule = CosineSchedule(config.num_timesteps)
         self.rays_per_view = config.rays_per_view or preset.rays_per_view
         self.lpips = LPIPS(config.lpips_weights_path) if config.lpips_weight > 0 else None
+        # The 2D x̂₀ of the noisy target that image_colour reads (the triplane denoiser's U-Net size, in 2D).
+        view_config = replace(preset.unet, cond_dim=0, use_checkpoint=denoiser_config.use_checkpoint)
+        self.view_denoiser = ViewDenoiser(view_config) if config.image_colour_view_denoiser else None
 
     @property
     def representation(self):
@@ -353,8 +370,12 @@ class GOEmbedFusion(nn.Module):
         return out.rgb.reshape(batch, count, height, width, 3).permute(0, 1, 4, 2, 3)
 
     def sources(self, context: Views | None, weights: torch.Tensor | None = None, noisy: Views | None = None,
-                noisy_weights: torch.Tensor | None = None, t: torch.Tensor | None = None) -> list[SourceViews] | None:
+                noisy_weights: torch.Tensor | None = None, t: torch.Tensor | None = None,
+                view_x0: torch.Tensor | None = None) -> list[SourceViews] | None:
         """The views ``image_colour`` reads (None without it or without views); weights (B, V) drop views.
+
+        With ``image_colour_view_denoiser`` the noisy target is read as its 2D x̂₀ (``denoise_view``;
+        ``view_x0``: that x̂₀ (B, 3, h, w) in [−1, 1] already computed) with its noise level σ.
 
         With ``image_colour_noisy_target``, also ``noisy``: x_t (as a view in [0, 1]) at t (B,), or a
         clean generated view when t is None. x_t is read as x_t / √ᾱ_t = x₀ + σ·ε with
@@ -371,11 +392,20 @@ class GOEmbedFusion(nn.Module):
             images, sigma = noisy.images, None
             if t is not None:
                 alpha_bar = self.schedule.alpha_bar(t, images.device).clamp_min(1e-4)
-                scale = alpha_bar.rsqrt().view(-1, 1, 1, 1, 1)
-                images = ((images.float() * 2 - 1) * scale + 1) / 2
                 sigma = ((1 - alpha_bar) / alpha_bar).sqrt().unsqueeze(1).expand(-1, noisy.count)
+                if self.view_denoiser is not None:  # its x̂₀, told σ (how far to trust it)
+                    denoised = view_x0 if view_x0 is not None else self.denoise_view(noisy, t)
+                    images = ((denoised + 1) / 2).unsqueeze(1)
+                else:
+                    scale = alpha_bar.rsqrt().view(-1, 1, 1, 1, 1)
+                    images = ((images.float() * 2 - 1) * scale + 1) / 2
             groups.append(SourceViews(images, noisy.K, noisy.c2w, noisy_weights, sigma))
         return groups or None
+
+    def denoise_view(self, noisy: Views, t: torch.Tensor) -> torch.Tensor:
+        """The view denoiser's x̂₀ (B, 3, h, w) in [−1, 1] of the first noisy view x_t (in [0, 1]) at t (B,)."""
+        alpha_bar = self.schedule.alpha_bar(t, noisy.images.device)
+        return self.view_denoiser(noisy.images[:, 0] * 2 - 1, t, alpha_bar)
 
     # -- training ------------------------------------------------------------------------------
     def noisy_target(self, target: Views, t: torch.Tensor, noise: torch.Tensor) -> Views:
@@ -385,10 +415,14 @@ class GOEmbedFusion(nn.Module):
         the schedule's √(1−ᾱ_t) noise level (noising first and then averaging pixels would shrink
         it). ``noise`` has the shape (B, 3, h, w) of the resized view.
         """
-        first = Views(target.images[:, :1], target.K[:, :1], target.c2w[:, :1]).resized(self.config.encode_resolution)
+        first = self.first_target(target)
         x0 = first.images[:, 0] * 2 - 1
         x_t = self.schedule.q_sample(x0, t, noise.to(x0.dtype))
         return Views(((x_t + 1) / 2).unsqueeze(1), first.K, first.c2w)
+
+    def first_target(self, target: Views) -> Views:
+        """The first view of ``target`` (the one noised) at ``encode_resolution``, clean."""
+        return Views(target.images[:, :1], target.K[:, :1], target.c2w[:, :1]).resized(self.config.encode_resolution)
 
     def encode_shape(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) of a view of size (height, width) once resized to ``encode_resolution``."""
@@ -433,13 +467,19 @@ class GOEmbedFusion(nn.Module):
         state = self.denoise(encoding, t, reconstruction)
         mark("denoise")
 
+        view_x0 = self.denoise_view(noisy, t) if self.view_denoiser is not None else None
         # Every target view: the noised one and those never encoded (held out from the encoder).
         sources = self.sources(context, keep_context.unsqueeze(1).expand(-1, context.count), noisy,
-                               (~reconstruction).to(dtype).unsqueeze(1), t)
+                               (~reconstruction).to(dtype).unsqueeze(1), t, view_x0=view_x0)
         target_mse = self._render_loss(state, targets, batch.background, generator, sources)
         metrics = {"target_mse": target_mse.detach(), "t_mean": t.float().mean(),
                    "psnr_target": psnr_from_mse(target_mse.detach(), mse_floor=PSNR_MSE_FLOOR), **encode_stats}
         loss = target_mse
+        if view_x0 is not None:  # a 2D diffusion x₀ loss, on every object (at T−1 it learns the mean view)
+            clean = self.first_target(targets).images[:, 0] * 2 - 1
+            view_mse = F.mse_loss(view_x0.float(), clean.float())
+            loss = loss + config.image_colour_view_denoiser_loss_weight * view_mse
+            metrics["view_mse"] = view_mse.detach()
         if context.count and config.context_loss_weight > 0:
             # A context view must not copy its own pixels: each reads only the other context views.
             context_mse = self._render_loss(state, context, batch.background, generator, sources, own_views=True)
@@ -514,9 +554,10 @@ class GOEmbedFusion(nn.Module):
             height, width = x_t.shape[-2:]
             t = torch.full((x_t.shape[0],), int(t_now), device=background.device, dtype=torch.long)
             noisy = Views(((x_t + 1) / 2).unsqueeze(1), K, c2w)
+            view_x0 = self.denoise_view(noisy, t) if self.view_denoiser is not None else None
 
             def image(state, views=context):
-                sources = self.sources(views, noisy=noisy, t=t)
+                sources = self.sources(views, noisy=noisy, t=t, view_x0=view_x0)
                 return self.render(state, K, c2w, height, width, background, sources=sources)[:, 0] * 2 - 1
 
             conditional = self.denoise(self.condition(context, noisy, background), t)

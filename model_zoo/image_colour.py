@@ -170,14 +170,16 @@ class ImageColour(nn.Module):
     """The blend above: ``forward(features, points, directions, colour, sources, exclude)`` -> colour (B, M, 3)."""
 
     def __init__(self, feature_dim: int, hidden: int = 32, levels: int = 1, noise_aware: bool = False,
-                 gain: str = "learned", own_view: bool = False, own_level: int = 0, adaptive_prior: bool = False):
+                 gain: str = "learned", own_view: bool = False, own_level: int = 0, adaptive_prior: bool = False,
+                 denoised: bool = False):
         super().__init__()
         if levels < 1:
             raise ValueError(f"ImageColour levels must be >= 1, got {levels}")
         if gain not in GAINS:
             raise ValueError(f"ImageColour gain must be one of {', '.join(GAINS)}, got {gain!r}")
-        if own_view and noise_aware and gain == "learned":  # its raw noisy reading reaches ±50 at t = T−1
-            raise ValueError("ImageColour own_view with a noisy source needs gain wiener or wiener_bands")
+        # A raw noisy reading reaches ±50 at t = T−1; one through a 2D denoiser (``denoised``) stays an image.
+        if own_view and noise_aware and gain == "learned" and not denoised:
+            raise ValueError("ImageColour own_view with a noisy source needs gain wiener or wiener_bands, or denoised")
         if not 0 <= own_level < levels:
             raise ValueError(f"ImageColour own_level must be in [0, {levels - 1}], got {own_level}")
         self.levels, self.noise_aware, self.gain = levels, noise_aware, gain

@@ -332,3 +332,14 @@ def flatten(raw, path=""):
             yield from flatten(value, dotted)
         else:
             yield dotted
+
+
+@pytest.mark.parametrize("num_parameters", [1_365_231, 2_000_001, 999])
+def test_zero_buckets_are_aligned_for_any_parameter_count(num_parameters):
+    # An odd parameter count made DeepSpeed refuse to start ("allgather_bucket_size must be a
+    # multiple of nccl_start_alignment_factor, 2"): the bucket is rounded up, never below the model.
+    from trainer.engine import BUCKET_ALIGNMENT, deepspeed_config
+    zero = deepspeed_config(RunConfig(), num_parameters)["zero_optimization"]
+    for key in ("reduce_bucket_size", "allgather_bucket_size"):
+        assert zero[key] % BUCKET_ALIGNMENT == 0 and zero[key] % 2 == 0
+        assert zero[key] >= min(num_parameters, 5e8)

@@ -9,6 +9,9 @@ import torch
 from model_zoo.goembedfusion import GOEmbedFusion
 from trainer.config import ConfigError, RunConfig
 
+# ZeRO bucket sizes (elements) are rounded up to a multiple of this: every alignment DeepSpeed asks for divides it.
+BUCKET_ALIGNMENT = 64
+
 
 def deepspeed_config(config: RunConfig, num_parameters: int | None = None) -> dict:
     """DeepSpeed's JSON config, derived from the run config (the only place it is written)."""
@@ -24,7 +27,10 @@ def deepspeed_config(config: RunConfig, num_parameters: int | None = None) -> di
     if distributed.zero_stage >= 1 and num_parameters:
         # DeepSpeed's default buckets hold 5e8 elements (2 GB in fp32, allocated up front under
         # ZeRO-3, measured with bench/trainer.py); a bucket never needs to exceed the model.
+        # DeepSpeed asserts the buckets are a multiple of its alignment (2 elements: NCCL's 4 bytes
+        # in 16-bit), which an odd parameter count is not: round up to BUCKET_ALIGNMENT.
         bucket = int(min(5e8, max(1e6, num_parameters)))
+        bucket = -(-bucket // BUCKET_ALIGNMENT) * BUCKET_ALIGNMENT
         ds["zero_optimization"].update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
         if distributed.zero_stage == 3:
             ds["zero_optimization"]["stage3_prefetch_bucket_size"] = bucket
