@@ -248,7 +248,9 @@ def test_a_model_config_json_written_before_pydantic_still_loads():
                                                                         "image_colour_noisy_target": False, "image_colour_levels": 1,
                                                                         "image_colour_noisy_gain": "learned",
                                                                         "image_colour_own_view": False, "image_colour_own_level": 0,
-                                                                        "image_colour_adaptive_prior": False}
+                                                                        "image_colour_adaptive_prior": False,
+                                                                        "image_colour_view_denoiser": False,
+                                                                        "image_colour_view_denoiser_loss_weight": 1.0}
     with pytest.raises(ExportFormatError, match=r"model_config\.json is not a valid ModelConfig: encoder: .*'magic'"):
         model_config_from_dict({**old, "encoder": "magic"})
 
@@ -266,6 +268,7 @@ def test_a_model_config_json_written_before_pydantic_still_loads():
     ("optim.betas=[1.5, 0.9]", "optim.betas[0] must be < 1"),
     ("model.image_colour_own_view=true", "model.image_colour_own_view needs model.image_colour: true"),
     ("model.image_colour_own_level=1", "model.image_colour_own_level must be < model.image_colour_levels (1), got 1"),
+    ("model.image_colour_view_denoiser=true", "model.image_colour_view_denoiser needs model.image_colour_noisy_target: true"),
     ("data.holdout_urls=''", "data.holdout_urls must not be empty"),
 ])
 def test_strict_values_and_one_line_messages(override, message):
