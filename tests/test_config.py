@@ -250,7 +250,8 @@ def test_a_model_config_json_written_before_pydantic_still_loads():
                                                                         "image_colour_own_view": False, "image_colour_own_level": 0,
                                                                         "image_colour_adaptive_prior": False,
                                                                         "image_colour_view_denoiser": False,
-                                                                        "image_colour_view_denoiser_loss_weight": 1.0}
+                                                                        "image_colour_view_denoiser_loss_weight": 1.0,
+                                                                        "image_colour_view_denoiser_all_views": False}
     with pytest.raises(ExportFormatError, match=r"model_config\.json is not a valid ModelConfig: encoder: .*'magic'"):
         model_config_from_dict({**old, "encoder": "magic"})
 

@@ -91,6 +91,20 @@ def test_image_colour_reads_the_view_denoisers_image_told_its_noise_level(tmp_pa
     assert torch.allclose(read * 2 - 1, (noisy.images * 2 - 1) / alpha_bar.sqrt().view(-1, 1, 1, 1, 1), atol=1e-5)
 
 
+def test_all_views_adds_the_other_views_to_its_loss_and_nothing_else(tmp_path):
+    batch = synthetic_batch(tmp_path, objects=2, batch_size=2, context_views=1, seed=3)
+    first = view_model()(batch, torch.Generator().manual_seed(0))[1]
+    every = view_model(image_colour_view_denoiser_all_views=True)(batch, torch.Generator().manual_seed(0))[1]
+    # the same draws up to the view loss: every other metric is identical, the view loss is not
+    assert every["target_mse"] == first["target_mse"] and every["context_mse"] == first["context_mse"]
+    assert every["view_mse"] != first["view_mse"]
+    # with no other view (one target, no context) it is exactly the first target's loss
+    only = synthetic_batch(tmp_path / "one", objects=2, batch_size=2, context_views=0, seed=3)
+    only.target_images, only.target_K, only.target_c2w = (x[:, :1] for x in (only.target_images, only.target_K, only.target_c2w))
+    assert (view_model(image_colour_view_denoiser_all_views=True)(only, torch.Generator().manual_seed(0))[1]["view_mse"]
+            == view_model()(only, torch.Generator().manual_seed(0))[1]["view_mse"])
+
+
 def test_its_own_loss_and_the_rendering_loss_both_train_it_and_its_loss_falls(tmp_path):
     batch = synthetic_batch(tmp_path, objects=4, batch_size=4, context_views=1, seed=1)
     # The rendering loss alone (own loss weight 0, no reconstruction mode) reaches the 2D network.
