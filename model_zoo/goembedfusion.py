@@ -138,7 +138,7 @@ class ModelConfig:
     image_colour_own_view: bool = Field(False, description=(
         "a ray from a source view's own camera takes that view's pixel, shrunk by its gain, with no learned "
         "blend (EDM's c_skip: x̂₀ at the noisy target's camera follows x_t as σ → 0); needs image_colour, and "
-        "a wiener gain with image_colour_noisy_target"))
+        "with image_colour_noisy_target a wiener gain or image_colour_view_denoiser"))
     image_colour_own_level: int = Field(0, ge=0, description=(
         "the pyramid level image_colour_own_view reads (0: every band, the pixel itself when clean; L-1: only the "
         "coarsest colour, the detail ψ's); < image_colour_levels"))
