@@ -57,6 +57,7 @@ PSNR_MSE_FLOOR = 1e-10
 Encoder = Literal["goembed", "unprojection", "zeros"]
 Evidence = Literal["groups", "summed"]
 GuidanceOn = Literal["state", "x0"]
+ImageFrom = Literal["render", "view_denoiser"]
 
 
 def _one_of(choices) -> AfterValidator:
@@ -558,7 +559,8 @@ class GOEmbedFusion(nn.Module):
         return self.denoise(encoding, t, torch.ones(batch, dtype=torch.bool, device=background.device))
 
     def x0_predictor(self, target_K: torch.Tensor, target_c2w: torch.Tensor, background: torch.Tensor,
-                     context: Views | None = None, guidance_scale: float = 1.0, guidance_on: GuidanceOn = "x0"):
+                     context: Views | None = None, guidance_scale: float = 1.0, guidance_on: GuidanceOn = "x0",
+                     image_from: ImageFrom = "render"):
         """The ``model(x_t, t) -> x̂₀`` a sampler calls: encode, denoise in 3D, render at the target camera.
 
         target_K (B, 3, 3) is for the square image x_t. With context views and guidance_scale ≠ 1,
@@ -566,9 +568,18 @@ class GOEmbedFusion(nn.Module):
         (``guidance_on="state"``) or of the rendered x̂₀ (``"x0"``, the default: it measured slightly
         better, README "Samplers"; the renderer is non-linear, so they differ). The returned callable's ``.state`` is the last ζ̂ (with x₀ guidance, the
         conditional one): the 3D sample once the sampler is done.
+
+        ``image_from="view_denoiser"`` (unconditional only, needs ``image_colour_view_denoiser``): x̂₀ is
+        the view denoiser's own 2D prediction, not the render, whose colour is that prediction times
+        ζ̂'s opacity (measured: half its chroma, README "The view denoiser"); ζ̂ still follows x_t.
         """
         if guidance_on not in ("state", "x0"):
             raise ValueError(f"guidance_on must be 'state' or 'x0', got {guidance_on!r}")
+        if image_from not in ("render", "view_denoiser"):
+            raise ValueError(f"image_from must be 'render' or 'view_denoiser', got {image_from!r}")
+        if image_from == "view_denoiser" and (self.view_denoiser is None or (context is not None and context.count)):
+            raise ValueError("image_from='view_denoiser' needs model.image_colour_view_denoiser and no context views "
+                             "(the 2D network sees only x_t)")
         K, c2w = target_K.unsqueeze(1), target_c2w.unsqueeze(1)
         guided = context is not None and context.count > 0 and guidance_scale != 1.0
 
@@ -584,6 +595,8 @@ class GOEmbedFusion(nn.Module):
 
             conditional = self.denoise(self.condition(context, noisy, background), t)
             predict.state = conditional
+            if image_from == "view_denoiser":
+                return view_x0
             if not guided:  # no guidance: the unconditional pass would be thrown away
                 return image(conditional)
             unconditional = self.denoise(self.condition(None, noisy, background), t)
@@ -600,7 +613,7 @@ class GOEmbedFusion(nn.Module):
                context: Views | None = None, steps: int = 50, guidance_scale: float = 1.0,
                resolution: int | None = None, generator: torch.Generator | None = None,
                sampler: str = "dpmpp_2m", guidance_on: GuidanceOn = "x0", callback: Callback | None = None,
-               return_sources: bool = False):
+               return_sources: bool = False, image_from: ImageFrom = "render"):
         """A 3D sample ζ (B, *state_shape) by ``sampler`` (see model_zoo.samplers) over an image at one
         target camera per object; ``steps`` timesteps evenly spaced from T−1 to 0.
 
@@ -612,13 +625,13 @@ class GOEmbedFusion(nn.Module):
         views and, with ``image_colour_noisy_target``, the image the sampler made.
         """
         state, made = self._sample_image(target_K, target_c2w, background, context, steps, guidance_scale,
-                                         resolution, generator, sampler, guidance_on, callback)
+                                         resolution, generator, sampler, guidance_on, callback, image_from)
         return (state, self.sources(context, noisy=made)) if return_sources else state
 
     def _sample_image(self, target_K: torch.Tensor, target_c2w: torch.Tensor, background: torch.Tensor,
                       context: Views | None, steps: int, guidance_scale: float, resolution: int | None,
                       generator: torch.Generator | None, sampler: str, guidance_on: GuidanceOn,
-                      callback: Callback | None) -> tuple[torch.Tensor, Views]:
+                      callback: Callback | None, image_from: ImageFrom = "render") -> tuple[torch.Tensor, Views]:
         """(ζ, the image the sampler made as a clean view in [0, 1] at the target camera); the defaults
         are the public methods' (``sample``, ``sample_views``)."""
         width = height = resolution or self.config.encode_resolution  # square, like the training renders
@@ -626,7 +639,7 @@ class GOEmbedFusion(nn.Module):
         device = background.device
         draw = generator.device if generator is not None else device
         noise = torch.randn(batch, 3, height, width, generator=generator, device=draw).to(device)
-        model = self.x0_predictor(target_K, target_c2w, background, context, guidance_scale, guidance_on)
+        model = self.x0_predictor(target_K, target_c2w, background, context, guidance_scale, guidance_on, image_from)
         image = get_sampler(sampler)(model, noise, self.schedule.ddim_timesteps(steps), self.schedule, callback=callback,
                                      generator=generator)
         made = Views(((image.float().clamp(-1, 1) + 1) / 2).unsqueeze(1), target_K.unsqueeze(1), target_c2w.unsqueeze(1))
@@ -636,7 +649,8 @@ class GOEmbedFusion(nn.Module):
     def sample_views(self, target_K: torch.Tensor, target_c2w: torch.Tensor, background: torch.Tensor,
                      context: Views | None = None, steps: int = 50, guidance_scale: float = 1.0,
                      resolution: int | None = None, generator: torch.Generator | None = None,
-                     sampler: str = "dpmpp_2m", guidance_on: GuidanceOn = "x0", callback: Callback | None = None):
+                     sampler: str = "dpmpp_2m", guidance_on: GuidanceOn = "x0", callback: Callback | None = None,
+                     image_from: ImageFrom = "render"):
         """DFM's autoregressive sampling: one image per target camera, in order, each sampled with the
         context and every image made before it as clean context views. (ζ, sources) of the last one,
         as ``sample(…, return_sources=True)`` gives them: ζ was conditioned on all the earlier images,
@@ -646,7 +660,7 @@ class GOEmbedFusion(nn.Module):
         other sides read ψ's colour alone (measured: a quarter of the made view's hue, README
         "Unconditional colour"). target_K (B, V, 3, 3) for images of width ``resolution``,
         target_c2w (B, V, 4, 4); the other arguments are ``sample``'s, and ``callback`` also gets
-        "view" (its index).
+        "view" (its index); ``image_from`` applies to the first image of an unconditional sample.
         The model was trained with up to ``data.context_views_max`` context views: keep V − 1 plus the
         context within that.
         """
@@ -656,8 +670,10 @@ class GOEmbedFusion(nn.Module):
         made = context if context is not None and context.count else None
         for view in range(target_K.shape[1]):
             report = None if callback is None else (lambda info, view=view: callback({**info, "view": view}))
+            # image_from="view_denoiser" makes the first image only: the later ones are conditioned on it
+            source = image_from if made is None else "render"
             state, image = self._sample_image(target_K[:, view], target_c2w[:, view], background, made, steps,
-                                              guidance_scale, resolution, generator, sampler, guidance_on, report)
+                                              guidance_scale, resolution, generator, sampler, guidance_on, report, source)
             if view + 1 < target_K.shape[1]:  # the last image is read as the made image, as in sample()
                 made = image if made is None else made.join(image.resized(made.images.shape[-1]))
         return state, self.sources(made, noisy=image)

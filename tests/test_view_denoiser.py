@@ -148,3 +148,26 @@ def test_config_refusals_name_the_fields():
         ModelConfig(image_colour=True, image_colour_noisy_target=True, image_colour_own_view=True)
     with pytest.raises(ValueError, match="data_std"):
         ViewDenoiser(get_preset("tiny").unet, data_std=0.0)
+
+
+def test_image_from_the_view_denoiser_steps_with_its_own_x0_and_is_refused_where_it_cannot_apply(tmp_path):
+    batch = synthetic_batch(tmp_path, objects=1, batch_size=1, context_views=1, seed=4)
+    model = view_model().eval()
+    target = Views.from_batch(batch, "target")
+    K, c2w = target.K[:, 0], target.c2w[:, 0]
+    x_t = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        predict = model.x0_predictor(K, c2w, batch.background, image_from="view_denoiser")
+        t = torch.tensor([400])
+        expected = model.denoise_view(Views(((x_t + 1) / 2).unsqueeze(1), K.unsqueeze(1), c2w.unsqueeze(1)), t)
+        assert torch.equal(predict(x_t, 400), expected)
+        assert predict.state.shape == (1, *model.representation.state_shape)  # ζ̂ still follows x_t
+        rendered = model.x0_predictor(K, c2w, batch.background)(x_t, 400)
+        assert not torch.allclose(rendered, expected)
+    with pytest.raises(ValueError, match="no context views"):
+        model.x0_predictor(K, c2w, batch.background, context=Views.from_batch(batch, "context"), image_from="view_denoiser")
+    with pytest.raises(ValueError, match="needs model.image_colour_view_denoiser"):
+        view_model(image_colour_view_denoiser=False, image_colour_own_view=False).x0_predictor(
+            K, c2w, batch.background, image_from="view_denoiser")
+    with pytest.raises(ValueError, match="image_from must be"):
+        model.x0_predictor(K, c2w, batch.background, image_from="both")
