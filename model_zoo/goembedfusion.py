@@ -496,6 +496,7 @@ class GOEmbedFusion(nn.Module):
         mark("render_loss")
         metrics["loss"] = loss.detach()
         return loss, metrics
+
     def _view_denoiser_loss(self, view_x0: torch.Tensor, targets: Views, context: Views,
                             generator: torch.Generator | None) -> torch.Tensor:
         """The view denoiser's x₀ MSE: on the noised target's x̂₀ and, with ``all_views``, on every other
