@@ -30,7 +30,7 @@ from model_zoo.rays import spread_cameras
 
 @torch.no_grad()
 def rows(model, data: str, objects: int, resolution: int, steps: int, sampler: str, seed: int,
-         made_views: int = 1) -> list[list[torch.Tensor]]:
+         made_views: int = 1, noisy_skip_level: int | None = None) -> list[list[torch.Tensor]]:
     out = []
     sample_width = model.config.encode_resolution
     for object_id, images, K, c2w, background in iter_objects(data, resolution, objects):
@@ -44,9 +44,10 @@ def rows(model, data: str, objects: int, resolution: int, steps: int, sampler: s
         generator = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
         states = [(model.reconstruct(context, bg), model.sources(context))]
         states.append(model.sample(K[view][None] * scale, c2w[view][None], bg, context=context, steps=steps,
-                                   sampler=sampler, generator=generator, return_sources=True))
+                                   sampler=sampler, generator=generator, return_sources=True,
+                                   noisy_skip_level=noisy_skip_level))
         states.append(model.sample_views(K[made][None] * scale, c2w[made][None], bg, steps=steps, sampler=sampler,
-                                         generator=generator))
+                                         generator=generator, noisy_skip_level=noisy_skip_level))
         renders = [model.render(s, K[view][None, None], c2w[view][None, None], resolution, resolution, bg,
                                 sources=sources)[0, 0]
                    for s, sources in states]
@@ -83,11 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--made-views", type=int, default=1,
                         help="images the unconditional sample makes, one after another (default 1)")
+    parser.add_argument("--noisy-skip-level", type=int, default=None,
+                        help="samplers' x̂₀ also take x_t's colour bands from this level on (evaluate's option)")
     args = parser.parse_args(argv)
     from model_zoo.loading import load
 
     model = load(args.model, "cpu")
-    save(rows(model, args.data, args.objects, args.resolution, args.steps, args.sampler, args.seed, args.made_views),
+    save(rows(model, args.data, args.objects, args.resolution, args.steps, args.sampler, args.seed, args.made_views,
+              args.noisy_skip_level),
          args.out)
     print(args.out)
     return 0

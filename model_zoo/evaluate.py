@@ -184,7 +184,8 @@ DEFAULT_STEPS = 25
 def evaluate_generation(model: GOEmbedFusion, pattern: str, features: FeatureExtractor | str = "random",
                         views_per_object: int = 10, context_views: int = 0, steps: int = DEFAULT_STEPS,
                         guidance_scale: float = 1.0, sampler: str = DEFAULT_SAMPLER, guidance_on: str = "x0",
-                        made_views: int = 1, image_from: str = "render", sample_resolution: int | None = None,
+                        made_views: int = 1, image_from: str = "render", noisy_skip_level: int | None = None,
+                        sample_resolution: int | None = None,
                         resolution: int | None = 128,
                         max_objects: int | None = None, seed: int = 0, kid_subsets: int = 100,
                         kid_subset_size: int = 1000, num_workers: int = 0, storage_options: dict | None = None,
@@ -226,7 +227,7 @@ def evaluate_generation(model: GOEmbedFusion, pattern: str, features: FeatureExt
         state, sources = model.sample_views(K[made][None] * scale, c2w[made][None], background[None], context=context,
                                             steps=steps, guidance_scale=guidance_scale, resolution=sample_resolution,
                                             generator=generator, sampler=sampler, guidance_on=guidance_on,
-                                            image_from=image_from)
+                                            image_from=image_from, noisy_skip_level=noisy_skip_level)
         fake = model.render(state, K[views][None], c2w[views][None], height, width, background[None],
                             sources=sources)[0]
         # PSNR to the object's own views: for conditional samples, how faithful they are to it.
@@ -257,6 +258,7 @@ def evaluate_generation(model: GOEmbedFusion, pattern: str, features: FeatureExt
         "task": "generation", "objects": len(keys), "images": len(real), "views_per_object": used_views,
         "context_views": context_views, "steps": steps, "sampler": sampler, "guidance_scale": guidance_scale,
         "guidance_on": guidance_on, "made_views": made_views, "image_from": image_from,
+        "noisy_skip_level": noisy_skip_level,
         "sample_resolution": sample_resolution, "resolution": resolution, "features": extractor.name,
         "fid": fid_from_features(real, generated), "kid": kid_mean, "kid_std": kid_std,
         # Mean PSNR of the renders to the true views; meaningful for conditional samples only.
@@ -308,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-from", choices=("render", "view_denoiser"), default="render",
                         help="the x̂₀ an unconditional sampler steps with: the render at the target camera, or "
                              "(a model with image_colour_view_denoiser) that 2D network's own prediction")
+    parser.add_argument("--noisy-skip-level", type=nonnegative_int, default=None,
+                        help="the sampler's x̂₀ also takes x_t's own colour bands from this pyramid level on, "
+                             "Wiener-shrunk around the render (a wiener / wiener_bands model; default: off; "
+                             "README \"The noisy skip\")")
     parser.add_argument("--sample-resolution", type=positive_int, default=None, help="sampler image width (default: encode_resolution)")
     parser.add_argument("--batch-size", type=positive_int, default=4)
     parser.add_argument("--workers", type=nonnegative_int, default=0, help="reader worker processes per rank")
@@ -362,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                 model, args.data, features=extractor, views_per_object=args.views_per_object,
                 context_views=args.generation_context_views, steps=args.steps, guidance_scale=args.guidance_scale,
                 sampler=args.sampler, guidance_on=args.guidance_on, made_views=args.made_views,
-                image_from=args.image_from,
+                image_from=args.image_from, noisy_skip_level=args.noisy_skip_level,
                 sample_resolution=args.sample_resolution, **common)
         if rank == 0:
             text = json.dumps(results, indent=2)

@@ -40,7 +40,7 @@ from torch import nn
 from model_zoo.diffusion import CosineSchedule, classifier_free_guidance
 from model_zoo.encodings import unprojection
 from model_zoo.goembed import METHODS, NORMALISATIONS, RayBatch, goembed
-from model_zoo.image_colour import GAINS, ImageColour, Sources, SourceViews
+from model_zoo.image_colour import GAINS, ImageColour, Sources, SourceViews, band_skip
 from model_zoo.metrics import psnr_from_mse
 from model_zoo.presets import PRESETS, get_preset
 from model_zoo.lpips import LPIPS
@@ -561,7 +561,7 @@ class GOEmbedFusion(nn.Module):
 
     def x0_predictor(self, target_K: torch.Tensor, target_c2w: torch.Tensor, background: torch.Tensor,
                      context: Views | None = None, guidance_scale: float = 1.0, guidance_on: GuidanceOn = "x0",
-                     image_from: ImageFrom = "render"):
+                     image_from: ImageFrom = "render", noisy_skip_level: int | None = None):
         """The ``model(x_t, t) -> x̂₀`` a sampler calls: encode, denoise in 3D, render at the target camera.
 
         target_K (B, 3, 3) is for the square image x_t. With context views and guidance_scale ≠ 1,
@@ -573,6 +573,13 @@ class GOEmbedFusion(nn.Module):
         ``image_from="view_denoiser"`` (unconditional only, needs ``image_colour_view_denoiser``): x̂₀ is
         the view denoiser's own 2D prediction, not the render, whose colour is that prediction times
         ζ̂'s opacity (measured: half its chroma, README "The view denoiser"); ζ̂ still follows x_t.
+
+        ``noisy_skip_level`` (None: off; needs a ``wiener`` or ``wiener_bands`` gain): x̂₀ also takes
+        x_t's own bands from that pyramid level on, each shrunk by its Wiener gain around the
+        prediction (:func:`model_zoo.image_colour.band_skip`, with the model's learned prior std per
+        band): x̂₀ → x_t's coarse colour as σ → 0, → the prediction as σ → ∞. Why: the render
+        keeps too little of x_t's colour even at low noise (opacity × blend, α < 1), and a sampler that
+        shrinks colour at every step ends grey (README "The noisy skip").
         """
         if guidance_on not in ("state", "x0"):
             raise ValueError(f"guidance_on must be 'state' or 'x0', got {guidance_on!r}")
@@ -581,10 +588,18 @@ class GOEmbedFusion(nn.Module):
         if image_from == "view_denoiser" and (self.view_denoiser is None or (context is not None and context.count)):
             raise ValueError("image_from='view_denoiser' needs model.image_colour_view_denoiser and no context views "
                              "(the 2D network sees only x_t)")
+        if noisy_skip_level is not None:
+            colour = self.renderer.image_colour
+            if colour is None or colour.prior_log_std is None:
+                raise ValueError("noisy_skip_level needs model.image_colour with image_colour_noisy_gain wiener or "
+                                 "wiener_bands (their prior std per band)")
+            if not 0 <= noisy_skip_level < colour.levels:
+                raise ValueError(f"noisy_skip_level must be in [0, {colour.levels - 1}] (image_colour_levels), "
+                                 f"got {noisy_skip_level}")
         K, c2w = target_K.unsqueeze(1), target_c2w.unsqueeze(1)
         guided = context is not None and context.count > 0 and guidance_scale != 1.0
 
-        def predict(x_t: torch.Tensor, t_now: int) -> torch.Tensor:
+        def predict_x0(x_t: torch.Tensor, t_now: int) -> torch.Tensor:
             height, width = x_t.shape[-2:]
             t = torch.full((x_t.shape[0],), int(t_now), device=background.device, dtype=torch.long)
             noisy = Views(((x_t + 1) / 2).unsqueeze(1), K, c2w)
@@ -606,15 +621,31 @@ class GOEmbedFusion(nn.Module):
                 return image(predict.state)
             return classifier_free_guidance(image(conditional), image(unconditional, None), guidance_scale)
 
+        def predict(x_t: torch.Tensor, t_now: int) -> torch.Tensor:
+            x0 = predict_x0(x_t, t_now)
+            if noisy_skip_level is None:
+                return x0
+            return self.noisy_skip(x0, x_t, torch.full((x_t.shape[0],), int(t_now), device=x_t.device), noisy_skip_level)
+
         predict.state = None
         return predict
+
+    def noisy_skip(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, from_level: int) -> torch.Tensor:
+        """x̂₀ (B, 3, h, w) in [−1, 1] plus x_t's bands from ``from_level`` on, Wiener-shrunk around it
+        (:func:`model_zoo.image_colour.band_skip`); x_t is read as x_t/√ᾱ_t = x₀ + σ·ε, as ``sources`` does."""
+        alpha_bar = self.schedule.alpha_bar(t, x_t.device).clamp_min(1e-4)
+        sigma = ((1 - alpha_bar) / alpha_bar).sqrt()
+        reading = x_t.float() * alpha_bar.rsqrt().view(-1, 1, 1, 1)
+        shrunk = band_skip((x0.float() + 1) / 2, (reading + 1) / 2, sigma, self.renderer.image_colour.prior_log_std,
+                           from_level)
+        return (shrunk * 2 - 1).to(x0.dtype)
 
     @torch.no_grad()
     def sample(self, target_K: torch.Tensor, target_c2w: torch.Tensor, background: torch.Tensor,
                context: Views | None = None, steps: int = 50, guidance_scale: float = 1.0,
                resolution: int | None = None, generator: torch.Generator | None = None,
                sampler: str = "dpmpp_2m", guidance_on: GuidanceOn = "x0", callback: Callback | None = None,
-               return_sources: bool = False, image_from: ImageFrom = "render"):
+               return_sources: bool = False, image_from: ImageFrom = "render", noisy_skip_level: int | None = None):
         """A 3D sample ζ (B, *state_shape) by ``sampler`` (see model_zoo.samplers) over an image at one
         target camera per object; ``steps`` timesteps evenly spaced from T−1 to 0.
 
@@ -626,13 +657,15 @@ class GOEmbedFusion(nn.Module):
         views and, with ``image_colour_noisy_target``, the image the sampler made.
         """
         state, made = self._sample_image(target_K, target_c2w, background, context, steps, guidance_scale,
-                                         resolution, generator, sampler, guidance_on, callback, image_from)
+                                         resolution, generator, sampler, guidance_on, callback, image_from,
+                                         noisy_skip_level)
         return (state, self.sources(context, noisy=made)) if return_sources else state
 
     def _sample_image(self, target_K: torch.Tensor, target_c2w: torch.Tensor, background: torch.Tensor,
                       context: Views | None, steps: int, guidance_scale: float, resolution: int | None,
                       generator: torch.Generator | None, sampler: str, guidance_on: GuidanceOn,
-                      callback: Callback | None, image_from: ImageFrom = "render") -> tuple[torch.Tensor, Views]:
+                      callback: Callback | None, image_from: ImageFrom = "render",
+                      noisy_skip_level: int | None = None) -> tuple[torch.Tensor, Views]:
         """(ζ, the image the sampler made as a clean view in [0, 1] at the target camera); the defaults
         are the public methods' (``sample``, ``sample_views``)."""
         width = height = resolution or self.config.encode_resolution  # square, like the training renders
@@ -640,7 +673,8 @@ class GOEmbedFusion(nn.Module):
         device = background.device
         draw = generator.device if generator is not None else device
         noise = torch.randn(batch, 3, height, width, generator=generator, device=draw).to(device)
-        model = self.x0_predictor(target_K, target_c2w, background, context, guidance_scale, guidance_on, image_from)
+        model = self.x0_predictor(target_K, target_c2w, background, context, guidance_scale, guidance_on, image_from,
+                                  noisy_skip_level)
         image = get_sampler(sampler)(model, noise, self.schedule.ddim_timesteps(steps), self.schedule, callback=callback,
                                      generator=generator)
         made = Views(((image.float().clamp(-1, 1) + 1) / 2).unsqueeze(1), target_K.unsqueeze(1), target_c2w.unsqueeze(1))
@@ -651,7 +685,7 @@ class GOEmbedFusion(nn.Module):
                      context: Views | None = None, steps: int = 50, guidance_scale: float = 1.0,
                      resolution: int | None = None, generator: torch.Generator | None = None,
                      sampler: str = "dpmpp_2m", guidance_on: GuidanceOn = "x0", callback: Callback | None = None,
-                     image_from: ImageFrom = "render"):
+                     image_from: ImageFrom = "render", noisy_skip_level: int | None = None):
         """DFM's autoregressive sampling: one image per target camera, in order, each sampled with the
         context and every image made before it as clean context views. (ζ, sources) of the last one,
         as ``sample(…, return_sources=True)`` gives them: ζ was conditioned on all the earlier images,
@@ -674,7 +708,8 @@ class GOEmbedFusion(nn.Module):
             # image_from="view_denoiser" makes the first image only: the later ones are conditioned on it
             source = image_from if made is None else "render"
             state, image = self._sample_image(target_K[:, view], target_c2w[:, view], background, made, steps,
-                                              guidance_scale, resolution, generator, sampler, guidance_on, report, source)
+                                              guidance_scale, resolution, generator, sampler, guidance_on, report, source,
+                                              noisy_skip_level)
             if view + 1 < target_K.shape[1]:  # the last image is read as the made image, as in sample()
                 made = image if made is None else made.join(image.resized(made.images.shape[-1]))
         return state, self.sources(made, noisy=image)

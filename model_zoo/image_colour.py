@@ -296,3 +296,41 @@ class ImageColour(nn.Module):
             own_colour = (own.unsqueeze(-1).to(towards.dtype) * towards).sum(1) / count.clamp_min(1)
             result = torch.where(count > 0, own_colour, result)
         return result.to(colour.dtype)
+
+
+def band_skip(prior: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor, prior_log_std: torch.Tensor,
+              from_level: int = 0) -> torch.Tensor:
+    """The wavelet-domain posterior mean of an image x₀ around a prediction of it (EDM's c_skip, per band).
+
+    ``prior`` m (B, 3, H, W) is the prediction, ``noisy`` y = x₀ + σ·ε (B, 3, H, W) a noisy reading of
+    the same image, both in [0, 1] units; ``sigma`` (B,) is σ in units of the [−1, 1] image (as
+    ``SourceViews.noise_levels``). The residual y − m is split into the box pyramid's bands (as
+    ``ImageColour``'s ``wiener_bands``: b_l = r_l − r_{l+1}, the coarsest b_{L−1} = r_{L−1}, r_l the
+    2ˡ-pixel block means), and
+
+        x̂₀ = m + Σ_{l ≥ from_level} g_l · b_l,    g_l = s_l² / (s_l² + v_l),
+
+    v_l being band l's noise variance and s_l = exp(``prior_log_std``[l]) its prior std. So x̂₀ → y
+    as σ → 0 (with from_level 0) and → m as σ → ∞; bands finer than ``from_level`` stay m's, so the
+    noise of the fine bands (colour speckle) is never let through.
+    """
+    levels = prior_log_std.shape[0]
+    if not 0 <= from_level < levels:
+        raise ValueError(f"band_skip from_level must be in [0, {levels - 1}], got {from_level}")
+    height, width = prior.shape[-2:]
+    residual = (noisy - prior).float()
+    means = [residual]
+    for level in range(1, levels):  # block means, back at full size (a level wider than the image: the last)
+        size = min(2 ** level, height, width)
+        means.append(F.interpolate(F.avg_pool2d(residual, size), size=(height, width), mode="nearest"))
+    box = torch.tensor([min(2 ** level, height, width) for level in range(levels)], device=prior.device,
+                       dtype=torch.float32)
+    noise_var = ((sigma.float().view(-1, 1) / 2) / box).pow(2)  # (B, L): σ_l², [0, 1] units
+    band_var = torch.cat([noise_var[:, :-1] - noise_var[:, 1:], noise_var[:, -1:]], 1)
+    prior_var = torch.exp(2 * prior_log_std.detach().float()).view(1, -1)
+    gains = prior_var / (prior_var + band_var)  # (B, L)
+    skip = torch.zeros_like(residual)
+    for level in range(from_level, levels):
+        band = means[level] - means[level + 1] if level + 1 < levels else means[level]
+        skip = skip + gains[:, level].view(-1, 1, 1, 1) * band
+    return (prior.float() + skip).to(prior.dtype)
