@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from scipy import stats
 
 from model_zoo.plenoptic_encoding import QUICK, FULL, Run, compare, goembed, paired
@@ -49,6 +50,10 @@ def _tiny_experiment(tmp_path):
     return settings, tasks, str(data / "train-*.tar"), str(data / "holdout-*.tar")
 
 
+def _same_psnr(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(b[key] == pytest.approx(a[key], abs=1e-4) for key in a)
+
+
 def test_parallel_jobs_give_the_same_results_and_the_journal_resumes_without_retraining(tmp_path, monkeypatch):
     import json
     import model_zoo.plenoptic_encoding as experiment
@@ -57,8 +62,11 @@ def test_parallel_jobs_give_the_same_results_and_the_journal_resumes_without_ret
     serial = experiment.run_all(tasks, settings, train, holdout, jobs=1, threads=1, journal=None)
     parallel = experiment.run_all(tasks, settings, train, holdout, jobs=2, threads=1, journal=journal)
     assert set(serial) == set(parallel) == set(tasks)
-    for task in tasks:  # each run is deterministic given its seed, in whichever process it ran
-        assert serial[task]["per_object"] == parallel[task]["per_object"]
+    # Each run is deterministic given its seed, in whichever process it ran, up to float rounding: torch's
+    # vectorised CPU reductions depend on buffer alignment, which differs between processes (CI once saw
+    # 12.6111698 against 12.6111689 dB). 1e-4 dB is far below the seed's effect asserted next.
+    for task in tasks:
+        assert _same_psnr(serial[task]["per_object"], parallel[task]["per_object"])
     assert serial[tasks[0]]["per_object"] != serial[tasks[2]]["per_object"]  # the seed matters
 
     # A crash mid-write leaves a cut line; a rerun skips it and trains only what the journal lacks.
@@ -74,7 +82,7 @@ def test_parallel_jobs_give_the_same_results_and_the_journal_resumes_without_ret
     monkeypatch.setattr(experiment, "run_one", fake_run_one)
     resumed = experiment.run_all(tasks, settings, train, holdout, jobs=1, threads=1, journal=journal)
     assert set(trained) == missing and len(trained) == 1
-    assert all(resumed[t]["per_object"] == serial[t]["per_object"] for t in tasks)
+    assert all(_same_psnr(resumed[t]["per_object"], serial[t]["per_object"]) for t in tasks)
 
     # Other settings never reuse the journal's runs.
     trained.clear()
