@@ -275,6 +275,9 @@ def evaluate_generation(model: GOEmbedFusion, pattern: str, features: FeatureExt
         # metrics.object_hue (the hue of the mean foreground colour): speckle of every hue has none.
         "object_hue": float(np.nanmean([results[key][9] for key in keys])),
         "truth_object_hue": float(np.nanmean([results[key][10] for key in keys])), "notes": notes,
+        # Each object's sample, for paired comparisons of two samplings (model_zoo.compare); NaN: no foreground.
+        "per_object": {key: {"psnr_to_object": results[key][2], "hue": results[key][3], "coverage": results[key][5],
+                             "hue_4px": results[key][7], "object_hue": results[key][9]} for key in keys},
     }
 
 
